@@ -1,0 +1,154 @@
+"""SAM's image encoder: a ViT with windowed and global attention, decomposed relative
+positions and a convolutional neck; channels-last throughout.
+
+images f32[B, S, S, 3] (normalised and padded) -> image embeddings f32[B, S/16, S/16, 256].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedfms_jax.models.common import MLPBlock, gelu, layer_norm, softmax_f32
+from fedfms_jax.models.variants import SamConfig
+
+VIT_LAYER_NORM_EPS = 1e-6
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative position embeddings for every (query, key) pair along one axis.
+
+    rel_pos: f32[L, head_dim] -> f32[q_size, k_size, head_dim]. The table is resized
+    linearly (as torch's F.interpolate, no antialiasing) only when L != 2*max(q,k)-1.
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = jax.image.resize(rel_pos, (max_rel_dist, rel_pos.shape[1]), "linear",
+                                   antialias=False)
+    q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative_coords.astype(np.int64)]
+
+
+def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[int, int]]:
+    """x: f32[B, H, W, C] -> windows f32[B*nW, ws, ws, C], padded size (Hp, Wp).
+
+    Pads bottom/right with zeros to a multiple of the window, as official SAM does
+    (after norm1, and the padding tokens are attended to, not masked).
+    """
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    if pad_h or pad_w:
+        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    windows = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window_size: int, pad_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+    """Inverse of `window_partition`: f32[B*nW, ws, ws, C] -> f32[B, H, W, C]."""
+    hp, wp = pad_hw
+    h, w = hw
+    b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+    x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention over a 2-D token grid with decomposed relative positions."""
+
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim ** -0.5
+        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        # Zero like the official init; pretrained checkpoints fill them.
+        self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim)))
+        self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: f32[B, H, W, C] -> f32[B, H, W, C]."""
+        b, h, w, c = x.shape
+        n = h * w
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+        attn = jnp.einsum("bqnd,bknd->bnqk", q * self.scale, k)
+        # The bias uses the unscaled q, as in the official code.
+        rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)
+        rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)
+        r_q = q.reshape(b, h, w, self.num_heads, -1)
+        rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh)
+        rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw)
+        attn = attn.reshape(b, self.num_heads, h, w, h, w)
+        attn = attn + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
+        attn = softmax_f32(attn.reshape(b, self.num_heads, n, n))
+        out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+        return self.proj(out)
+
+
+class Block(nnx.Module):
+    """ViT block: (windowed or global) attention and MLP, each pre-norm with a residual."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int,
+                 input_size: tuple[int, int], *, dtype, rngs: nnx.Rngs):
+        self.window_size = window_size
+        self.norm1 = layer_norm(dim, VIT_LAYER_NORM_EPS, dtype, rngs)
+        attn_size = input_size if window_size == 0 else (window_size, window_size)
+        self.attn = Attention(dim, num_heads, attn_size, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, VIT_LAYER_NORM_EPS, dtype, rngs)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), gelu, dtype=dtype, rngs=rngs)
+
+    def attention(self, x: jax.Array) -> jax.Array:
+        """norm1 then attention, over windows or the whole grid; x: f32[B, H, W, C]."""
+        x = self.norm1(x)
+        if self.window_size == 0:
+            return self.attn(x)
+        h, w = x.shape[1], x.shape[2]
+        windows, pad_hw = window_partition(x, self.window_size)
+        return window_unpartition(self.attn(windows), self.window_size, pad_hw, (h, w))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attention(x)
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoder(nnx.Module):
+    """SAM's ViT image encoder (ImageEncoderViT)."""
+
+    def __init__(self, config: SamConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        d, grid = config.embed_dim, config.embedding_size
+        p = config.patch_size
+        self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
+                                    rngs=rngs)
+        self.pos_embed = nnx.Param(jnp.zeros((1, grid, grid, d)))
+        self.blocks = nnx.List([
+            Block(d, config.num_heads, config.mlp_ratio,
+                  0 if i in config.global_attn_indexes else config.window_size,
+                  (grid, grid), dtype=dtype, rngs=rngs)
+            for i in range(config.depth)
+        ])
+        out = config.prompt_embed_dim
+        self.neck_conv1 = nnx.Conv(d, out, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+        self.neck_norm1 = layer_norm(out, VIT_LAYER_NORM_EPS, dtype, rngs)
+        self.neck_conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                                   dtype=dtype, rngs=rngs)
+        self.neck_norm2 = layer_norm(out, VIT_LAYER_NORM_EPS, dtype, rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images: f32[B, S, S, 3] -> image_embeddings f32[B, S/p, S/p, prompt_embed_dim]."""
+        x = self.patch_embed(images) + self.pos_embed[...].astype(images.dtype)
+        for block in self.blocks:
+            x = block(x)
+        x = self.neck_norm1(self.neck_conv1(x))
+        return self.neck_norm2(self.neck_conv2(x))
+

@@ -1,0 +1,114 @@
+"""fedfms_jax weights files: safetensors with flat Flax paths as keys and the model's
+`SamConfig` in the metadata, so a file rebuilds its model with no other argument.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+from fedfms_jax.models import Sam, SamConfig
+
+FORMAT = "fedfms_jax.sam"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit its model."""
+
+
+def flat_path(path: tuple) -> str:
+    """('image_encoder', 'blocks', 0, 'attn', 'qkv', 'kernel') -> 'image_encoder.blocks.0.attn.qkv.kernel'."""
+    return ".".join(str(part) for part in path)
+
+
+def flat_state(model: nnx.Module) -> dict[str, jax.Array]:
+    """Every variable of the model (parameters and buffers) under its flat path."""
+    return {flat_path(path): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(model))}
+
+
+def expected_shapes(config: SamConfig) -> dict[str, tuple[int, ...]]:
+    """Flat path -> shape of every variable of a model with this config, without allocating it."""
+    abstract = nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0)))
+    return {key: tuple(value.shape) for key, value in flat_state(abstract).items()}
+
+
+def check_shapes(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                 source: str) -> None:
+    """Raises WeightsError listing every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}"
+                       for k in set(tensors) & set(expected)
+                       if tuple(tensors[k].shape) != expected[k])
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("mis-shaped", misshaped)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {len(items)} {title}: " + "\n    ".join([""] + shown))
+        raise WeightsError("\n".join(lines))
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, np.ndarray], config: SamConfig,
+                 extra_metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (flat Flax paths) and the config; atomic, so an existing file at
+    `path` is never left half-written."""
+    check_shapes(tensors, expected_shapes(config), "weights to save")
+    metadata = {"format": FORMAT, "variant": config.variant, "config": config.to_json(),
+                **(extra_metadata or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[SamConfig, dict[str, np.ndarray]]:
+    """The config and tensors of a fedfms_jax weights file, with clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        hint = (" (a PyTorch checkpoint? convert it first: python weights/convert.py SRC.pth "
+                "DST.safetensors)" if path.suffix in {".pth", ".pt", ".bin"} else "")
+        raise WeightsError(f"{path} is not a readable safetensors file{hint}: {error}") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise WeightsError(f"{path} has no fedfms_jax model metadata (format={metadata.get('format')!r});"
+                           " write it with weights/convert.py or fedfms_jax.weights_file.save_weights")
+    try:
+        config = SamConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"{path}: bad model config in metadata: {error}") from None
+    return config, tensors
+
+
+def load_sam(path: str | os.PathLike, **config_overrides) -> Sam:
+    """Builds the SAM stored in a weights file; config_overrides (e.g. dtype='bfloat16')
+    change settings that do not affect shapes."""
+    config, tensors = read_weights(path)
+    config = config.replace(**config_overrides)
+    check_shapes(tensors, expected_shapes(config), str(path))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0))))
+    for key_path, variable in nnx.to_flat_state(state):
+        variable.set_value(jax.numpy.asarray(tensors[flat_path(key_path)]))
+    return nnx.merge(graphdef, state)
