@@ -43,6 +43,26 @@ class Sam(nnx.Module):
         return self.mask_decoder(image_embeddings, self.prompt_encoder.dense_pe(), sparse,
                                  dense, multimask_output)
 
+    def segment(self, images: jax.Array, *, point_coords: jax.Array | None = None,
+                point_labels: jax.Array | None = None,
+                boxes: jax.Array | None = None) -> jax.Array:
+        """FedFMS's segmentation forward: images f32[B, S, S, 3] -> logits f32[B, L, L, C].
+
+        Without prompts it runs prompt-free as FedFMS does: the decoder sees only its output
+        tokens and no dense prompt embedding is added. With one class, C = 1 is mask token 0.
+        """
+        embeddings = self.image_encoder(images)
+        b = images.shape[0]
+        if point_coords is None and boxes is None:
+            sparse = jnp.zeros((b, 0, self.config.prompt_embed_dim), embeddings.dtype)
+            dense = None
+        else:
+            points = None if point_coords is None else (point_coords, point_labels)
+            sparse, dense = self.prompt_encoder(points, boxes, None)
+        masks, _ = self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.dense_pe(),
+                                                   sparse, dense)
+        return masks[..., :1]
+
     def __call__(self, images: jax.Array, **prompts) -> tuple[jax.Array, jax.Array]:
         """images: f32[B, S, S, 3] (see `preprocess`) plus the prompts of `decode`."""
         return self.decode(self.image_encoder(images), **prompts)

@@ -1,0 +1,1 @@
+"""The federated engine: partition, local rounds, aggregation, sharding, checkpoints."""
