@@ -1,0 +1,148 @@
+"""The predict CLI: original-pixel prompts, any image size, parity with the official model,
+and clear errors for bad images, prompts and weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedfms_jax.models import get_config, transform_coords
+from fedfms_jax.models.sam import resized_shape
+from fedfms_jax.predict import main
+from fedfms_jax.weights_file import save_weights
+from tests.torch_sam import build_torch_sam, state_dict_numpy
+from weights.convert import torch_to_flax
+
+HEIGHT, WIDTH = 97, 150  # landscape, odd sizes: exercises resize, pad, crop and upsample
+
+
+@pytest.fixture(scope="module")
+def torch_sam():
+    return build_torch_sam(get_config("tiny"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def weights(torch_sam, tmp_path_factory):
+    tensors, config = torch_to_flax(state_dict_numpy(torch_sam))
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(path, tensors, config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("images") / "scan.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+def official_prediction(torch_sam, image_path, box, points, labels, multimask):
+    """The official Sam.forward on the same resized image and transformed prompts."""
+    size = torch_sam.image_encoder.img_size
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    h, w = resized_shape(HEIGHT, WIDTH, size)
+    # Official ResizeLongestSide.apply_image is PIL bilinear through torchvision.
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    record = {"image": torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1),
+              "original_size": (HEIGHT, WIDTH)}
+    if box is not None:
+        record["boxes"] = torch.from_numpy(
+            transform_coords(np.reshape(box, (2, 2)), (HEIGHT, WIDTH), size).reshape(1, 4))
+    if points is not None:
+        record["point_coords"] = torch.from_numpy(
+            transform_coords(np.asarray(points), (HEIGHT, WIDTH), size)[None])
+        record["point_labels"] = torch.tensor([labels])
+    with torch.no_grad():
+        return torch_sam([record], multimask_output=multimask)[0]
+
+
+@pytest.mark.parametrize("prompt_args, box, points, labels, multimask", [
+    (["--box", "20,10,120,80"], [20, 10, 120, 80], None, None, False),
+    (["--point", "75,40,1", "--point", "10,90,0", "--multimask"], None,
+     [[75, 40], [10, 90]], [1, 0], True),
+    (["--box", "20,10,120,80", "--point", "60,50,1"], [20, 10, 120, 80], [[60, 50]], [1], False),
+])
+def test_predict_matches_official(tmp_path, torch_sam, weights, image_path, prompt_args, box,
+                                  points, labels, multimask, capsys):
+    out, logits_path = tmp_path / "mask.png", tmp_path / "logits.npy"
+    code = main(["--weights", str(weights), "--image", str(image_path), "--out", str(out),
+                 "--save-logits", str(logits_path), *prompt_args])
+    assert code == 0
+    official = official_prediction(torch_sam, image_path, box, points, labels, multimask)
+    logits = np.load(logits_path)
+    n = 3 if multimask else 1
+    low_res = get_config("tiny").low_res_size
+    assert logits.shape == (n, low_res, low_res) and logits.dtype == np.float32
+    expected = official["low_res_logits"][0].numpy()
+    assert np.max(np.abs(logits - expected)) <= 1e-4
+    printed = capsys.readouterr().out
+    ious = official["iou_predictions"][0].numpy()
+    assert "predicted IoU: " + ", ".join(f"{v:.4f}" for v in ious) in printed
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (HEIGHT, WIDTH) and set(np.unique(mask)) <= {0, 255}
+    best = int(np.argmax(ious))
+    official_mask = official["masks"][0, best].numpy()
+    assert np.mean((mask > 0) == official_mask) > 0.999
+
+
+def test_grey_16_bit_image(tmp_path, weights):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.arange(64 * 80, dtype=np.uint16).reshape(64, 80) * 10).save(path)
+    out = tmp_path / "mask.png"
+    assert main(["--weights", str(weights), "--image", str(path), "--box", "5,5,60,50",
+                 "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (64, 80)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--box", "20,10,200,80"], "box 20,10,200,80 must satisfy"),
+    (["--box", "50,10,20,80"], "box 50,10,20,80 must satisfy"),
+    (["--point", "75,140,1"], "point 75,140 lies outside the 150x97 image"),
+    (["--point", "75,40,2"], "point 75,40 has label 2"),
+    (["--box", "1,2,3"], "expected 4 comma-separated numbers"),
+    (["--box", "20,10,120,80", "--variant", "vit_b"], "holds a tiny model, not vit_b"),
+])
+def test_bad_prompts_and_variant(tmp_path, weights, image_path, args, message, capsys):
+    out = tmp_path / "mask.png"
+    code = main(["--weights", str(weights), "--image", str(image_path), "--out", str(out), *args])
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unreadable_image(tmp_path, weights, capsys):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["--weights", str(weights), "--image", str(bad), "--box", "1,1,5,5",
+                 "--out", str(tmp_path / "m.png")]) != 0
+    assert f"cannot read image {bad}" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--image", str(tmp_path / "none.png"), "--box",
+                 "1,1,5,5", "--out", str(tmp_path / "m.png")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_their_config(tmp_path, weights, image_path, capsys):
+    """A file whose tensors miss a key fails with the key's name, before any compute."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    del tensors["mask_decoder.iou_token.embedding"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata=metadata)
+    assert main(["--weights", str(broken), "--image", str(image_path), "--box", "1,1,5,5",
+                 "--out", str(tmp_path / "m.png")]) != 0
+    err = capsys.readouterr().err
+    assert "1 missing" in err and "mask_decoder.iou_token.embedding" in err
+
+
+def test_no_prompt_is_a_usage_error(tmp_path, weights, image_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--weights", str(weights), "--image", str(image_path), "--out", str(tmp_path / "m.png")])
+    assert exit_info.value.code != 0
