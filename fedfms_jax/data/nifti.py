@@ -1,0 +1,209 @@
+"""NIfTI volumes cut into 2.5-D slices, the way FedFMS prepares FeTS and prostate MRI.
+
+A site holds cases in one of two conventions:
+  <site>/<case>/{image,label}.nii[.gz]     (optionally under <site>/train and <site>/val)
+  <site>/imagesTr/<case>[_0000].nii[.gz] with <site>/labelsTr/<case>.nii[.gz]  (MSD, nnU-Net)
+
+Each volume is turned to the closest RAS orientation from its affine (so files saved in
+other orientations line up), scaled by its scl_slope/scl_inter, clipped at intensity
+percentiles (or a fixed window, for CT) to u8 and cut into axial slices; a slice's image is
+the stack of slices (i-1, i, i+1) as RGB. Slices without foreground are subsampled
+(`keep_empty`), as FedFMS keeps mostly slices that show the target.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfms_jax.data.records import (Collector, DataError, LabelSpec, Record, natural_key,
+                                     percentile_window, window_to_uint8)
+
+SUFFIXES = (".nii.gz", ".nii")
+LABEL_NAMES = ("label", "mask", "seg")
+
+
+def _strip_suffix(name: str) -> str | None:
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    """{name without suffix: path}; hidden files (e.g. macOS '._' copies in MSD) are skipped."""
+    files = {}
+    for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        base = _strip_suffix(path.name)
+        if base is not None and not path.name.startswith(".") and path.is_file():
+            files[base] = path
+    return files
+
+
+def read_site(site_dir: Path, spec: LabelSpec, collector: Collector, *, seed: Any = 0,
+              slab: int = 3, percentiles: tuple[float, float] = (0.5, 99.5),
+              window: tuple[float, float] | None = None, keep_empty: float = 0.1,
+              modality: int | None = None,
+              ) -> tuple[list[Record], list[Record] | None]:
+    """(train, val or None) slice records of one NIfTI site.
+
+    slab: 3 for 2.5-D (slices i-1, i, i+1 as RGB) or 1 (the slice replicated).
+    percentiles: intensity clipping per volume; window: a fixed (low, high) instead, e.g.
+      (-160, 240) for abdominal CT.
+    keep_empty: share of slices without foreground kept (seeded per case); 1 keeps all.
+    modality: which volume of a 4-D file, or which nnU-Net channel (_0000, _0001, ...).
+    """
+    if slab not in (1, 3):
+        raise ValueError(f"slab must be 1 or 3, got {slab}")
+    if not 0.0 <= keep_empty <= 1.0:
+        raise ValueError(f"keep_empty must be in [0, 1], got {keep_empty}")
+    read = functools.partial(_read_cases, spec=spec, collector=collector, seed=seed,
+                             slab=slab, percentiles=percentiles, window=window,
+                             keep_empty=keep_empty, modality=modality)
+    if (site_dir / "imagesTr").is_dir():
+        return read(_msd_cases(site_dir, collector, modality)), None
+    if (site_dir / "train").is_dir():
+        val = read(_case_dirs(site_dir / "val", collector)) if (site_dir / "val").is_dir() else None
+        return read(_case_dirs(site_dir / "train", collector)), val
+    return read(_case_dirs(site_dir, collector)), None
+
+
+def _case_dirs(folder: Path, collector: Collector) -> list[tuple[str, Path, Path]]:
+    """(case, image, label) of <folder>/<case>/{image,label}.nii[.gz]."""
+    cases = []
+    for case_dir in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if not case_dir.is_dir() or case_dir.name.startswith("."):
+            continue
+        files = _nifti_files(case_dir)
+        if "image" not in files:
+            collector.bad(DataError(case_dir, "case folder without image.nii[.gz]"))
+            continue
+        label = next((files[n] for n in LABEL_NAMES if n in files), None)
+        if label is None:
+            collector.bad(DataError(files["image"], "no label for this image (expected "
+                                                    f"{case_dir / 'label.nii.gz'})"))
+            continue
+        cases.append((case_dir.name, files["image"], label))
+    return cases
+
+
+def _msd_cases(site_dir: Path, collector: Collector,
+               modality: int | None) -> list[tuple[str, Path, Path]]:
+    """(case, image, label) of imagesTr/labelsTr; nnU-Net images end in _XXXX (channel)."""
+    label_dir = site_dir / "labelsTr"
+    if not label_dir.is_dir():
+        raise DataError(label_dir, f"labelsTr folder missing beside {site_dir / 'imagesTr'}")
+    images: dict[str, dict[int, Path]] = {}
+    for base, path in _nifti_files(site_dir / "imagesTr").items():
+        match = re.fullmatch(r"(.+)_(\d{4})", base)
+        case, channel = (match[1], int(match[2])) if match else (base, -1)
+        images.setdefault(case, {})[channel] = path
+    labels = _nifti_files(label_dir)
+    cases = []
+    for case, channels in images.items():
+        if -1 in channels:
+            image = channels[-1]
+        elif (modality or 0) in channels:
+            image = channels[modality or 0]
+        else:
+            collector.bad(DataError(next(iter(channels.values())),
+                                    f"no channel _{modality or 0:04d} for case {case!r}"))
+            continue
+        if case not in labels:
+            collector.bad(DataError(image, "no label for this image (expected "
+                                           f"{label_dir / case}.nii.gz)"))
+            continue
+        cases.append((case, image, labels[case]))
+    for case, path in labels.items():
+        if case not in images:
+            collector.bad(DataError(path, "label without an image in imagesTr"))
+    return cases
+
+
+def _read_cases(cases, *, collector: Collector, **options) -> list[Record]:
+    records = []
+    for case, image_path, label_path in cases:
+        try:
+            records.extend(read_case(case, image_path, label_path, **options))
+        except DataError as error:
+            collector.bad(error)
+    return records
+
+
+def load_volume(path: Path, modality: int | None = None,
+                ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """f32[X,Y,Z] voxels in the closest RAS orientation (slope applied) and voxel size (mm).
+
+    4-D files with one volume are accepted; with several, `modality` picks one.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        if len(image.shape) > 4 and all(n == 1 for n in image.shape[4:]):
+            image = nib.funcs.squeeze_image(image)
+        image = nib.as_closest_canonical(image)
+        data = image.get_fdata(dtype=np.float32)  # applies scl_slope and scl_inter
+        zooms = tuple(round(float(z), 6) for z in image.header.get_zooms()[:3])
+    except DataError:
+        raise
+    except Exception as exc:  # nibabel, gzip and numpy each raise their own types
+        raise DataError(path, f"unreadable or corrupt NIfTI file ({type(exc).__name__}: {exc})")
+    if data.ndim == 4:
+        volumes = data.shape[3]
+        if volumes == 1 and modality in (None, 0):
+            data = data[..., 0]
+        elif modality is None:
+            raise DataError(path, f"4-D file with {volumes} volumes; pick one with modality=N")
+        elif not 0 <= modality < volumes:
+            raise DataError(path, f"modality={modality} but the file has {volumes} volumes")
+        else:
+            data = data[..., modality]
+    elif data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise DataError(path, f"NIfTI data has shape {data.shape}; expected a 3-D volume")
+    zooms = zooms + (1.0,) * (3 - len(zooms))
+    return data, zooms
+
+
+def read_case(case: str, image_path: Path, label_path: Path, *, spec: LabelSpec,
+              seed: Any, slab: int, percentiles: tuple[float, float],
+              window: tuple[float, float] | None, keep_empty: float,
+              modality: int | None) -> list[Record]:
+    """Slice records of one case; raises DataError naming the file at fault."""
+    image, zooms = load_volume(image_path, modality)
+    label, _ = load_volume(label_path, None)
+    if image.shape != label.shape:
+        raise DataError(label_path, f"label shape {label.shape} does not match image shape "
+                                    f"{image.shape} of {image_path} (after reorientation)")
+    classes = spec.apply_values(label, label_path)
+    low, high = window if window is not None else percentile_window(image, percentiles)
+
+    # [X,Y,Z] RAS -> [Z,H,W] axial slices with anterior at the top and the subject's right
+    # on the left of the image (the radiological view).
+    to_slices = lambda v: np.ascontiguousarray(np.transpose(v, (2, 1, 0))[:, ::-1, :])
+    volume = to_slices(window_to_uint8(image, low, high))
+    classes = to_slices(classes)
+
+    has_target = classes.reshape(len(classes), -1).any(axis=1)
+    empty = np.flatnonzero(~has_target)
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
+    kept_empty = rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(has_target), kept_empty]))
+    spacing = (zooms[1], zooms[0])
+    return [Record(functools.partial(slab_image, volume, int(z), slab), classes[z], case,
+                   int(z), spacing, str(image_path)) for z in keep]
+
+
+def slab_image(volume: np.ndarray, z: int, slab: int = 3) -> np.ndarray:
+    """u8[H,W,3] image of slice z of volume u8[Z,H,W]: slices (z-1, z, z+1), edges repeated."""
+    if slab == 1:
+        return np.repeat(volume[z][..., None], 3, axis=-1)
+    neighbours = np.clip([z - 1, z, z + 1], 0, len(volume) - 1)
+    return np.ascontiguousarray(np.moveaxis(volume[neighbours], 0, -1))

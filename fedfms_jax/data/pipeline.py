@@ -1,0 +1,267 @@
+"""Grain pipelines: a site's records -> shuffled, resized, normalised, prompted batches.
+
+Batches are dicts of numpy arrays (S = image_size, L = low_res_size, C = num_classes):
+  image          f32[B,S,S,3]  SAM-normalised, or scaled to [0,1] as FedFMS does
+  mask           f32[B,S,S,C]  full-size target, for evaluation
+  mask_low_res   f32[B,L,L,C]  target at the mask decoder's output size, for the loss
+  valid          bool[B]       False for padding rows of a short last batch
+  record_index   i32[B]        index into the site's records (-1 for padding)
+  boxes          f32[B,4]      prompt='box': (x0, y0, x1, y1) in model-input pixels
+  point_coords   f32[B,K,2]    prompt='points': (x, y) in model-input pixels
+  point_labels   i32[B,K]      1 positive, 0 negative, -1 padding
+Every random choice (order, flips, rotations, prompts) derives from `seed` and the position
+in the stream, so a pipeline replays exactly and its iterator resumes exactly from
+`get_state()` / `set_state()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from fedfms_jax.data import prompts
+from fedfms_jax.data.records import Record, steps_per_epoch
+
+SAM_PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+SAM_PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleOptions:
+    """How one record becomes one example; see `make_dataset` for the fields."""
+
+    image_size: int
+    low_res_size: int
+    num_classes: int = 1
+    normalise: str = "sam"
+    resize: str = "stretch"
+    augment: bool = False
+    prompt: str = "none"
+    box_jitter: float = 0.05
+    num_positive: int = 1
+    num_negative: int = 0
+    per_component: bool = False
+    min_component_size: int = 1
+
+    def __post_init__(self):
+        checks = [
+            (self.normalise in ("sam", "unit"), f"normalise must be 'sam' or 'unit', got "
+                                                f"{self.normalise!r}"),
+            (self.resize in ("stretch", "longest_side"), "resize must be 'stretch' or "
+                                                         f"'longest_side', got {self.resize!r}"),
+            (self.prompt in ("none", "box", "points"), "prompt must be 'none', 'box' or "
+                                                       f"'points', got {self.prompt!r}"),
+            (self.image_size > 0 and self.low_res_size > 0, "sizes must be positive"),
+            (self.num_classes >= 1, f"num_classes must be >= 1, got {self.num_classes}"),
+            (not self.per_component or self.num_classes == 1,
+             "per_component prompts need binary masks (num_classes=1)"),
+            (self.prompt != "points" or self.num_positive + self.num_negative > 0,
+             "prompt='points' needs num_positive + num_negative > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def target_channels(mask: np.ndarray, num_classes: int, where: str = "") -> np.ndarray:
+    """u8[H,W] class indices or u8[H,W,C] channels -> bool[H,W,C], channel c = class c+1."""
+    if mask.ndim == 2:
+        return mask[..., None] == np.arange(1, num_classes + 1, dtype=mask.dtype)
+    if mask.ndim == 3 and mask.shape[-1] == num_classes:
+        return mask > 0
+    raise ValueError(f"{where}: mask of shape {mask.shape} does not fit num_classes="
+                     f"{num_classes}")
+
+
+def _fit(shape: tuple[int, int], size: int, resize: str) -> tuple[int, int]:
+    """(h, w) the content takes inside a size x size input."""
+    if resize == "stretch":
+        return size, size
+    scale = size / max(shape)
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """u8 or f32 [H,W,3] -> f32[h,w,3] on the 0..255 scale, bilinear (antialiased down)."""
+    if image.shape[:2] == tuple(hw):
+        return image.astype(np.float32)  # a copy, which the caller may modify
+    h, w = hw
+    if image.dtype == np.uint8:
+        resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR)
+        return np.asarray(resized, np.float32)
+    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
+                .resize((w, h), Image.BILINEAR) for c in range(image.shape[-1])]
+    return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
+
+
+def resize_nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """[H,W,...] -> [h,w,...] by nearest neighbour at pixel centres (labels stay labels)."""
+    h, w = hw
+    rows = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64),
+                      mask.shape[0] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64),
+                      mask.shape[1] - 1)
+    return mask.take(rows, axis=0).take(cols, axis=1)  # two 1-D takes: 5x faster than 2-D
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pads [h,w,...] at the bottom and right to [size,size,...], as SAM does."""
+    h, w = array.shape[:2]
+    if (h, w) == (size, size):
+        return array
+    pad = [(0, size - h), (0, size - w)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad)
+
+
+def make_example(record: Record, index: int, rng: np.random.Generator,
+                 options: ExampleOptions) -> dict[str, np.ndarray]:
+    """One record -> one example (the batch fields above, without the batch axis)."""
+    o = options
+    image = np.asarray(record.image)
+    target = target_channels(np.asarray(record.mask), o.num_classes, record.path or
+                             f"record {index}")
+    if o.augment:
+        # Exact flips and quarter turns, the same for image and mask, done at the source
+        # resolution where they are cheap.
+        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+        image, target = (np.rot90(a, turns, axes=(0, 1)) for a in (image, target))
+        if flip:
+            image, target = image[:, ::-1], target[:, ::-1]
+        image = np.ascontiguousarray(image)
+    content = _fit(image.shape[:2], o.image_size, o.resize)
+    content_low = _fit(image.shape[:2], o.low_res_size, o.resize)
+    image = resize_image(image, content)
+    mask = resize_nearest(target, content)
+    mask_low = resize_nearest(target, content_low)
+    if o.normalise == "sam":
+        image -= SAM_PIXEL_MEAN
+        image *= 1.0 / SAM_PIXEL_STD
+    else:
+        image *= np.float32(1 / 255)
+    image, mask, mask_low = (_pad(image, o.image_size), _pad(mask, o.image_size),
+                             _pad(mask_low, o.low_res_size))
+
+    example = {}
+    if o.per_component:
+        component = prompts.pick_component(mask[..., 0], rng, o.min_component_size)
+        mask = component[..., None]
+        mask_low = resize_nearest(mask, (o.low_res_size, o.low_res_size))
+    foreground = mask.any(axis=-1)
+    if o.prompt == "box":
+        example["boxes"] = prompts.box_from_mask(foreground, rng, o.box_jitter)
+    elif o.prompt == "points":
+        coords, labels = prompts.points_from_mask(foreground, rng, o.num_positive,
+                                                  o.num_negative)
+        example["point_coords"], example["point_labels"] = coords, labels
+    example.update(
+        image=np.ascontiguousarray(image, np.float32),
+        mask=np.ascontiguousarray(mask, np.float32),
+        mask_low_res=np.ascontiguousarray(mask_low, np.float32),
+        valid=np.bool_(True),
+        record_index=np.int32(index),
+    )
+    return example
+
+
+class _RecordToExample:
+    """grain random-map transform: record index -> example. A class, so it pickles."""
+
+    def __init__(self, records: Sequence[Record], options: ExampleOptions):
+        self.records = records
+        self.options = options
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index = int(index)
+        return make_example(self.records[index], index, rng, self.options)
+
+
+class _StackAndPad:
+    """grain batch_fn: stacks examples; a short batch is padded to `batch_size` rows marked
+    valid=False, so every batch has one shape and a jitted step compiles once."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def __call__(self, examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        missing = self.batch_size - len(examples)
+        batch = {}
+        for key in examples[0]:
+            rows = [e[key] for e in examples]
+            if missing:
+                filler = np.zeros_like(rows[0])
+                if key in ("record_index", "point_labels"):
+                    filler = np.full_like(rows[0], -1)
+                rows += [filler] * missing
+            batch[key] = np.stack(rows)
+        return batch
+
+
+def make_dataset(records: Sequence[Record], *, image_size: int, batch_size: int,
+                 low_res_size: int | None = None, seed: int = 0, shuffle: bool = True,
+                 augment: bool = False, normalise: str = "sam", prompt: str = "none",
+                 num_classes: int = 1, drop_remainder: bool = True,
+                 num_epochs: int | None = 1, resize: str = "stretch",
+                 box_jitter: float = 0.05, num_positive: int = 1, num_negative: int = 0,
+                 per_component: bool = False, min_component_size: int = 1,
+                 ) -> grain.MapDataset:
+    """Random-access dataset of batches of one site (fields in the module docstring).
+
+    image_size: side S of the model input; low_res_size: side L of the decoder's masks
+      (default S // 4, i.e. 256 for a 1024 SAM).
+    seed: order (a new permutation each epoch), augmentation and prompts.
+    shuffle: False keeps record order (evaluation).
+    augment: random flips and quarter turns.
+    normalise: 'sam' (ImageNet mean/std on 0..255) or 'unit' (x / 255, as FedFMS).
+    prompt: 'none' (FedFMS's prompt-free mode), 'box' (jittered by up to
+      box_jitter * S pixels per side) or 'points' (num_positive + num_negative points).
+    per_component: each example targets one random connected component of its mask
+      (instance data such as nuclei); components below min_component_size pixels are ignored.
+    drop_remainder: drop the short last batch of an epoch (training) or pad it with rows
+      marked valid=False (evaluation).
+    num_epochs: passes over the records (None: endless); batches never straddle epochs.
+    resize: 'stretch' to S x S, or 'longest_side' (keep the aspect, zero-pad, as SAM).
+    """
+    if not records:
+        raise ValueError("no records to build a pipeline from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if steps_per_epoch(len(records), batch_size, drop_remainder) == 0:
+        raise ValueError(f"{len(records)} records make no full batch of {batch_size}; "
+                         "lower batch_size or set drop_remainder=False")
+    options = ExampleOptions(
+        image_size=image_size, low_res_size=low_res_size or image_size // 4,
+        num_classes=num_classes, normalise=normalise, resize=resize, augment=augment,
+        prompt=prompt, box_jitter=box_jitter, num_positive=num_positive,
+        num_negative=num_negative, per_component=per_component,
+        min_component_size=min_component_size)
+    seed = int(seed) % 2**32
+    dataset = grain.MapDataset.range(len(records))
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.random_map(_RecordToExample(records, options), seed=seed)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder,
+                            batch_fn=_StackAndPad(batch_size))
+    if num_epochs != 1:
+        # After batch: grain batches each epoch on its own, and shuffle and random_map see
+        # the epoch in the index, so every epoch has a new order and new augmentations.
+        dataset = dataset.repeat(num_epochs)
+    return dataset
+
+
+def make_pipeline(records: Sequence[Record], *, image_size: int, batch_size: int,
+                  num_threads: int = 2, prefetch: int = 4, **options) -> grain.IterDataset:
+    """The `make_dataset` batches as a prefetching grain IterDataset.
+
+    `iter(pipeline)` gives an iterator with get_state()/set_state() for exact resume.
+    num_threads: decoding threads (file reads, PIL and large numpy operations release the
+      GIL, so threads scale with cores); prefetch: batches buffered ahead, kept small
+      because 1024-px batches are large.
+    """
+    dataset = make_dataset(records, image_size=image_size, batch_size=batch_size, **options)
+    read_options = grain.ReadOptions(num_threads=num_threads,
+                                     prefetch_buffer_size=prefetch if num_threads else 0)
+    return dataset.to_iter_dataset(read_options)
