@@ -4,6 +4,10 @@ weights files, and back.
     python weights/convert.py sam_vit_b_01ec64.pth sam_vit_b.safetensors [--variant auto]
     python weights/convert.py sam_vit_b.safetensors sam_vit_b.pth --to-torch
 
+FedFMS / Medical-SAM-Adapter checkpoints convert the same way: their Space_Adapter and
+MLP_Adapter weights land in the adapter model (the config, stored in the file, records the
+adapter settings read off the tensors), and the 3-D-only Depth_Adapter is reported and skipped.
+
 One table (MODULES) says where each torch module lands in the Flax model and what kind
 of layer it is; the kind says how each of its tensors is renamed and transposed. The
 same table runs both ways, so the round trip is exact. Conversion is strict: every source
@@ -33,6 +37,8 @@ LEAVES = {
     "norm": [("weight", "scale", None), ("bias", "bias", None)],
     "embedding": [("weight", "embedding", None)],
     "param": [("", "", None)],
+    # A bias-free Linear stored as a bare (in, out) matrix: LoRA's A and B.
+    "lora": [("weight", "", (1, 0))],
 }
 
 # Placeholders in MODULES patterns.
@@ -41,6 +47,7 @@ FIELDS = {
     "n": r"\d+",
     "attn": r"self_attn|cross_attn_token_to_image|cross_attn_image_to_token",
     "proj": r"q_proj|k_proj|v_proj|out_proj",
+    "leaf": r"weight|bias",
 }
 
 # (torch module, flax module, kind).
@@ -53,6 +60,15 @@ MODULES = [
     ("image_encoder.blocks.{i}.attn.rel_pos_h", "image_encoder.blocks.{i}.attn.rel_pos_h", "param"),
     ("image_encoder.blocks.{i}.attn.rel_pos_w", "image_encoder.blocks.{i}.attn.rel_pos_w", "param"),
     ("image_encoder.blocks.{i}.mlp.lin{n}", "image_encoder.blocks.{i}.mlp.lin{n}", "linear"),
+    # Medical SAM Adapter (FedMSA) and LoRA on qkv (PEFT's lora_A / lora_B names).
+    ("image_encoder.blocks.{i}.Space_Adapter.D_fc{n}",
+     "image_encoder.blocks.{i}.space_adapter.fc{n}", "linear"),
+    ("image_encoder.blocks.{i}.MLP_Adapter.D_fc{n}", "image_encoder.blocks.{i}.mlp_adapter.fc{n}",
+     "linear"),
+    ("image_encoder.blocks.{i}.attn.qkv.lora_A", "image_encoder.blocks.{i}.attn.qkv_lora.lora_a",
+     "lora"),
+    ("image_encoder.blocks.{i}.attn.qkv.lora_B", "image_encoder.blocks.{i}.attn.qkv_lora.lora_b",
+     "lora"),
     ("image_encoder.neck.0", "image_encoder.neck_conv1", "conv"),
     ("image_encoder.neck.1", "image_encoder.neck_norm1", "norm"),
     ("image_encoder.neck.2", "image_encoder.neck_conv2", "conv"),
@@ -85,6 +101,15 @@ MODULES = [
      "mask_decoder.output_hypernetworks_mlps.{i}.layers.{n}", "linear"),
     ("mask_decoder.iou_prediction_head.layers.{i}", "mask_decoder.iou_prediction_head.layers.{i}",
      "linear"),
+    # FedFMS's multi-class head: a 1x1 conv from the mask tokens' maps to the classes.
+    ("class_head", "class_head", "conv"),
+]
+
+# Source tensors that are known and deliberately not converted: (pattern, why). They are
+# reported, never silently dropped; anything else unmatched is an error.
+SKIPPED = [
+    ("image_encoder.blocks.{i}.Depth_Adapter.D_fc{n}.{leaf}",
+     "Depth_Adapter (Medical SAM Adapter's 3-D branch, unused by 2-D FedFMS)"),
 ]
 
 
@@ -137,8 +162,37 @@ def rename(tensors: dict[str, np.ndarray], reverse: bool = False
     return converted, unmatched
 
 
+def infer_peft(state_dict: dict[str, np.ndarray], embed_dim: int, depth: int) -> dict:
+    """Config settings for the adapters, LoRA and class head found in a torch state_dict
+    (none found: {}). Settings that no tensor shows (adapter_scale, lora_alpha) keep their
+    defaults."""
+    def matches(pattern: str) -> dict[int, tuple[int, ...]]:
+        return {int(m.group(1)): value.shape for key, value in state_dict.items()
+                if (m := re.fullmatch(pattern, key))}
+
+    found = {}
+    adapters = matches(r"image_encoder\.blocks\.(\d+)\.(?:Space|MLP)_Adapter\.D_fc1\.weight")
+    if adapters:
+        widths = sorted({shape[0] for shape in adapters.values()})
+        if len(widths) > 1:
+            raise ConversionError(f"adapters of different widths {widths}; expected one")
+        found.update(adapter="msa", adapter_ratio=widths[0] / embed_dim)
+    lora = matches(r"image_encoder\.blocks\.(\d+)\.attn\.qkv\.lora_A\.weight")
+    if lora:
+        ranks = sorted({shape[0] for shape in lora.values()})
+        if len(ranks) > 1:
+            raise ConversionError(f"LoRA of different ranks {ranks}; expected one")
+        blocks = tuple(sorted(lora))
+        found.update(lora_rank=ranks[0],
+                     lora_blocks=None if blocks == tuple(range(depth)) else blocks)
+    if "class_head.weight" in state_dict:
+        found["num_classes"] = state_dict["class_head.weight"].shape[0]
+    return found
+
+
 def infer_config(state_dict: dict[str, np.ndarray]) -> SamConfig:
-    """The SAM variant whose shapes the torch state_dict has.
+    """The SAM variant whose shapes the torch state_dict has, with its adapters, LoRA and
+    class head if it has them.
 
     Every shape that the official variants differ in is read off the tensors; a state_dict
     that matches none of them raises, naming what was found.
@@ -159,7 +213,7 @@ def infer_config(state_dict: dict[str, np.ndarray]) -> SamConfig:
              "global_attn_indexes": global_blocks}
     for variant, config in VARIANTS.items():
         if all(getattr(config, name) == value for name, value in found.items()):
-            return config
+            return config.replace(**infer_peft(state_dict, config.embed_dim, config.depth))
     raise ConversionError(f"the checkpoint's shapes {found} match no known variant "
                           f"({', '.join(VARIANTS)}); pass --variant")
 
@@ -181,10 +235,42 @@ def load_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): v.detach().float().numpy() for k, v in checkpoint.items()}
 
 
-def torch_to_flax(state_dict: dict[str, np.ndarray], variant: str = "auto"
+def skip_known_unused(state_dict: dict[str, np.ndarray]
+                      ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Splits off the SKIPPED tensors: (the rest, {reason: skipped keys})."""
+    rules = [(_compile(pattern), reason) for pattern, reason in SKIPPED]
+    kept, skipped = {}, {}
+    for key, value in state_dict.items():
+        reason = next((why for regex, why in rules if regex.match(key)), None)
+        if reason is None:
+            kept[key] = value
+        else:
+            skipped.setdefault(reason, []).append(key)
+    return kept, skipped
+
+
+def torch_to_flax(state_dict: dict[str, np.ndarray], variant: str = "auto", *,
+                  lora_alpha: float | None = None, report=print
                   ) -> tuple[dict[str, np.ndarray], SamConfig]:
-    """Official SAM state_dict -> (flat Flax tensors, config), checked strictly."""
-    config = infer_config(state_dict) if variant == "auto" else VARIANTS[variant]
+    """Official SAM (or FedFMS / Medical-SAM-Adapter) state_dict -> (flat Flax tensors,
+    config), checked strictly. Known-unused tensors (SKIPPED) are passed to `report`, one
+    line per kind; lora_alpha, which no tensor shows, sets the LoRA scaling."""
+    state_dict, skipped = skip_known_unused(state_dict)
+    for reason, keys in skipped.items():
+        report(f"skipped {len(keys)} tensors of the {reason}: {', '.join(sorted(keys)[:4])}"
+               + (", ..." if len(keys) > 4 else ""))
+    try:
+        if variant == "auto":
+            config = infer_config(state_dict)
+        else:
+            base = VARIANTS[variant]
+            config = base.replace(**infer_peft(state_dict, base.embed_dim, base.depth))
+        if lora_alpha is not None:
+            config = config.replace(lora_alpha=lora_alpha)
+    except ConversionError:
+        raise
+    except ValueError as error:  # settings read off the tensors that no model can have
+        raise ConversionError(f"checkpoint: {error}") from None
     tensors, unmatched = rename(state_dict)
     expected = expected_shapes(config)
     try:
@@ -216,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", type=Path, help="output .safetensors (or .pth with --to-torch)")
     parser.add_argument("--variant", default="auto", choices=["auto", *VARIANTS],
                         help="model variant; auto reads it off the tensor shapes")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="LoRA alpha of a checkpoint with LoRA (the tensors do not show it)")
     parser.add_argument("--to-torch", action="store_true",
                         help="write a fedfms_jax weights file back as a PyTorch state_dict")
     args = parser.parse_args(argv)
@@ -231,11 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.src.is_file():
                 raise ConversionError(f"checkpoint {args.src} does not exist")
-            tensors, config = torch_to_flax(load_torch_state_dict(args.src), args.variant)
+            tensors, config = torch_to_flax(load_torch_state_dict(args.src), args.variant,
+                                            lora_alpha=args.lora_alpha)
             save_weights(args.dst, tensors, config,
                          {"source": args.src.name})
             count = sum(v.size for v in tensors.values())
-            print(f"wrote {len(tensors)} tensors, {count:,} values ({config.variant}) to {args.dst}")
+            extras = [f"adapter={config.adapter}"] if config.adapter != "none" else []
+            extras += [f"lora_rank={config.lora_rank}"] if config.lora_rank else []
+            extras += [f"num_classes={config.num_classes}"] if config.num_classes > 1 else []
+            print(f"wrote {len(tensors)} tensors, {count:,} values "
+                  f"({', '.join([config.variant] + extras)}) to {args.dst}")
     except WeightsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedfms_jax.models.adapters import Adapter, QkvLoRA
 from fedfms_jax.models.common import MLPBlock, gelu, layer_norm, softmax_f32
 from fedfms_jax.models.variants import SamConfig
 
@@ -65,11 +66,13 @@ class Attention(nnx.Module):
     """Multi-head self-attention over a 2-D token grid with decomposed relative positions."""
 
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, lora_rank: int = 0, lora_alpha: float = 1.0):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim ** -0.5
         self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.qkv_lora = (QkvLoRA(dim, 3 * dim, lora_rank, lora_alpha, dtype=dtype, rngs=rngs)
+                         if lora_rank else None)
         self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         # Zero like the official init; pretrained checkpoints fill them.
         self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim)))
@@ -79,7 +82,10 @@ class Attention(nnx.Module):
         """x: f32[B, H, W, C] -> f32[B, H, W, C]."""
         b, h, w, c = x.shape
         n = h * w
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1)
+        qkv = self.qkv(x)
+        if self.qkv_lora is not None:
+            qkv = qkv + self.qkv_lora(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, -1)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
         attn = jnp.einsum("bqnd,bknd->bnqk", q * self.scale, k)
         # The bias uses the unscaled q, as in the official code.
@@ -96,16 +102,35 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    """ViT block: (windowed or global) attention and MLP, each pre-norm with a residual."""
+    """ViT block: (windowed or global) attention and MLP, each pre-norm with a residual.
+
+    With the Medical SAM Adapter (adapter_hidden_dim > 0):
+        x = x + space_adapter(attn(norm1(x)))                  # serial, with skip
+        x = x + mlp(norm2(x)) + scale * mlp_adapter(norm2(x))  # parallel, no skip
+    Windows are padded after norm1 as in official SAM (upstream pads before norm1); the
+    adapters act per token, so it makes no difference where they sit relative to the windows.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int,
-                 input_size: tuple[int, int], *, dtype, rngs: nnx.Rngs):
+                 input_size: tuple[int, int], *, dtype, rngs: nnx.Rngs,
+                 adapter_hidden_dim: int = 0, adapter_scale: float = 0.5,
+                 adapter_init: str = "torch_default", lora_rank: int = 0,
+                 lora_alpha: float = 1.0):
         self.window_size = window_size
         self.norm1 = layer_norm(dim, VIT_LAYER_NORM_EPS, dtype, rngs)
         attn_size = input_size if window_size == 0 else (window_size, window_size)
-        self.attn = Attention(dim, num_heads, attn_size, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, attn_size, dtype=dtype, rngs=rngs,
+                              lora_rank=lora_rank, lora_alpha=lora_alpha)
         self.norm2 = layer_norm(dim, VIT_LAYER_NORM_EPS, dtype, rngs)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), gelu, dtype=dtype, rngs=rngs)
+        self.adapter_scale = adapter_scale
+        if adapter_hidden_dim:
+            self.space_adapter = Adapter(dim, adapter_hidden_dim, skip_connect=True,
+                                         init=adapter_init, dtype=dtype, rngs=rngs)
+            self.mlp_adapter = Adapter(dim, adapter_hidden_dim, skip_connect=False,
+                                       init=adapter_init, dtype=dtype, rngs=rngs)
+        else:
+            self.space_adapter = self.mlp_adapter = None
 
     def attention(self, x: jax.Array) -> jax.Array:
         """norm1 then attention, over windows or the whole grid; x: f32[B, H, W, C]."""
@@ -117,8 +142,16 @@ class Block(nnx.Module):
         return window_unpartition(self.attn(windows), self.window_size, pad_hw, (h, w))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attention(x)
-        return x + self.mlp(self.norm2(x))
+        """x: f32[B, H, W, C] -> f32[B, H, W, C]."""
+        attended = self.attention(x)
+        if self.space_adapter is not None:
+            attended = self.space_adapter(attended)
+        x = x + attended
+        normed = self.norm2(x)
+        out = x + self.mlp(normed)
+        if self.mlp_adapter is not None:
+            out = out + self.adapter_scale * self.mlp_adapter(normed)
+        return out
 
 
 class ImageEncoder(nnx.Module):
@@ -134,7 +167,11 @@ class ImageEncoder(nnx.Module):
         self.blocks = nnx.List([
             Block(d, config.num_heads, config.mlp_ratio,
                   0 if i in config.global_attn_indexes else config.window_size,
-                  (grid, grid), dtype=dtype, rngs=rngs)
+                  (grid, grid), dtype=dtype, rngs=rngs,
+                  adapter_hidden_dim=config.adapter_hidden_dim if config.adapter == "msa" else 0,
+                  adapter_scale=config.adapter_scale, adapter_init=config.adapter_init,
+                  lora_rank=config.lora_rank if config.has_lora(i) else 0,
+                  lora_alpha=config.lora_alpha)
             for i in range(config.depth)
         ])
         out = config.prompt_embed_dim

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from fedfms_jax.models.adapters import torch_default_init
 from fedfms_jax.models.image_encoder import ImageEncoder
 from fedfms_jax.models.mask_decoder import MaskDecoder
 from fedfms_jax.models.prompt_encoder import PromptEncoder
@@ -27,6 +28,16 @@ class Sam(nnx.Module):
         self.image_encoder = ImageEncoder(config, rngs=rngs)
         self.prompt_encoder = PromptEncoder(config, rngs=rngs)
         self.mask_decoder = MaskDecoder(config, rngs=rngs)
+        if config.num_classes > 1:
+            # FedFMS's multi-class head: a new 1x1 conv from the mask tokens' maps to the
+            # classes, with torch's default init as the new nn.Conv2d it is there.
+            m = config.num_mask_tokens
+            self.class_head = nnx.Conv(m, config.num_classes, (1, 1),
+                                       kernel_init=torch_default_init(m),
+                                       bias_init=torch_default_init(m),
+                                       dtype=jnp.dtype(config.dtype), rngs=rngs)
+        else:
+            self.class_head = None
 
     def decode(self, image_embeddings: jax.Array, *, point_coords: jax.Array | None = None,
                point_labels: jax.Array | None = None, boxes: jax.Array | None = None,
@@ -49,7 +60,8 @@ class Sam(nnx.Module):
         """FedFMS's segmentation forward: images f32[B, S, S, 3] -> logits f32[B, L, L, C].
 
         Without prompts it runs prompt-free as FedFMS does: the decoder sees only its output
-        tokens and no dense prompt embedding is added. With one class, C = 1 is mask token 0.
+        tokens and no dense prompt embedding is added. With one class, C = 1 is mask token 0;
+        with C = config.num_classes > 1 the class head maps all mask tokens' maps to C.
         """
         embeddings = self.image_encoder(images)
         b = images.shape[0]
@@ -61,11 +73,48 @@ class Sam(nnx.Module):
             sparse, dense = self.prompt_encoder(points, boxes, None)
         masks, _ = self.mask_decoder.predict_masks(embeddings, self.prompt_encoder.dense_pe(),
                                                    sparse, dense)
-        return masks[..., :1]
+        if self.class_head is None:
+            return masks[..., :1]
+        return self.class_head(masks)
 
     def __call__(self, images: jax.Array, **prompts) -> tuple[jax.Array, jax.Array]:
         """images: f32[B, S, S, 3] (see `preprocess`) plus the prompts of `decode`."""
         return self.decode(self.image_encoder(images), **prompts)
+
+
+def extend(base: Sam, config: SamConfig, *, rngs: nnx.Rngs) -> Sam:
+    """A model with `config` that starts from `base`: every variable of base is copied and
+    the rest (adapters, LoRA, class head) is initialised from rngs. E.g. pretrained SAM ->
+    FedMSA's starting model: extend(load_sam(path), config.replace(adapter="msa"), rngs=...).
+    """
+    key = rngs.params()
+    abstract = nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(params=key)))
+    graphdef, state = nnx.split(abstract)
+    new = dict(nnx.to_flat_state(state))
+    old = dict(nnx.to_flat_state(nnx.state(base)))
+    problems = [f"{'.'.join(map(str, path))}: not in the new model" for path in old
+                if path not in new]
+    problems += [f"{'.'.join(map(str, path))}: {old[path].get_value().shape} vs "
+                 f"{new[path].get_value().shape} in the new model"
+                 for path in old if path in new
+                 and old[path].get_value().shape != new[path].get_value().shape]
+    if problems:
+        raise ValueError("the base model does not fit the new config:\n  "
+                         + "\n  ".join(problems[:20]))
+    added = [path for path in new if path not in old]
+
+    @jax.jit
+    def init_added(key):
+        # Only the added variables leave the jit, so XLA drops the initialisation of every
+        # base weight: no full-size model is ever materialised.
+        variables = dict(nnx.to_flat_state(nnx.state(Sam(config, rngs=nnx.Rngs(params=key)))))
+        return [variables[path].get_value() for path in added]
+
+    for path, value in zip(added, init_added(key)):
+        new[path].set_value(value)
+    for path, variable in old.items():
+        new[path].set_value(variable.get_value())
+    return nnx.merge(graphdef, state)
 
 
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:

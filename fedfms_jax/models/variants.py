@@ -11,6 +11,10 @@ import json
 from typing import Any
 
 
+ADAPTERS = ("none", "msa")
+ADAPTER_INITS = ("torch_default", "zero")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamConfig:
     """Shapes and options of one SAM model (image encoder, prompt encoder, mask decoder)."""
@@ -38,6 +42,48 @@ class SamConfig:
     iou_head_hidden_dim: int = 256
     # Compute dtype ("float32" or "bfloat16"); parameters always stay float32.
     dtype: str = "float32"
+    # Medical SAM Adapter in every encoder block: "none" (plain SAM) or "msa" (a serial
+    # space adapter after attention and a parallel MLP adapter, as upstream).
+    adapter: str = "none"
+    adapter_ratio: float = 0.25  # hidden width / embed_dim (192 for ViT-B)
+    adapter_scale: float = 0.5   # weight of the parallel MLP adapter
+    # "torch_default": torch's nn.Linear init, as upstream; "zero": the up-projections start at
+    # zero, so the adapted model computes exactly the pretrained function at step 0.
+    adapter_init: str = "torch_default"
+    # LoRA on the attention qkv projection; rank 0 means none. The update is
+    # (alpha / rank) * x A B with B zero at init, so step 0 is the base model.
+    lora_rank: int = 0
+    lora_alpha: float = 4.0
+    lora_blocks: tuple[int, ...] | None = None  # encoder blocks with LoRA; None = all
+    # Output classes of `Sam.segment`: 1 uses mask token 0; more add FedFMS's 1x1 conv
+    # from the mask tokens' maps to the classes.
+    num_classes: int = 1
+
+    def __post_init__(self):
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(ADAPTERS)}")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter_init {self.adapter_init!r}; "
+                             f"known: {', '.join(ADAPTER_INITS)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        bad_blocks = [i for i in self.lora_blocks or () if not 0 <= i < self.depth]
+        if bad_blocks:
+            raise ValueError(f"lora_blocks {bad_blocks} are outside the {self.depth} "
+                             "encoder blocks")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def adapter_hidden_dim(self) -> int:
+        """Width of each adapter's bottleneck (upstream: int(embed_dim * ratio))."""
+        # The epsilon keeps a ratio read back from a checkpoint (hidden / D) from flooring
+        # to hidden - 1 through float rounding.
+        return int(self.embed_dim * self.adapter_ratio + 1e-6)
+
+    def has_lora(self, block: int) -> bool:
+        """Whether encoder block `block` carries LoRA on its qkv projection."""
+        return self.lora_rank > 0 and (self.lora_blocks is None or block in self.lora_blocks)
 
     @property
     def embedding_size(self) -> int:
@@ -67,6 +113,8 @@ class SamConfig:
         if unknown:
             raise ValueError(f"unknown SamConfig fields {unknown}; is the file from a newer fedfms_jax?")
         fields["global_attn_indexes"] = tuple(fields.get("global_attn_indexes", ()))
+        if fields.get("lora_blocks") is not None:
+            fields["lora_blocks"] = tuple(fields["lora_blocks"])
         return cls(**fields)
 
 
