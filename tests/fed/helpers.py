@@ -1,0 +1,158 @@
+"""Shared pieces of the engine tests: a tiny SAM, synthetic client data and an independent
+reference trainer (a plain optax loop, no vmap, no engine code).
+
+Also run as a script by the multi-device test, in a subprocess whose XLA_FLAGS force 4 CPU
+devices: `python -m tests.fed.helpers OUT.npz` trains the standard federation there and
+writes its result.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedfms_jax.fed.round import FedConfig, Federation, step_mask
+from fedfms_jax.losses import weighted_bce
+from fedfms_jax.models import Sam, get_config
+
+MODE = "decoder"
+BATCH = 2
+# Five clients of different sizes: one local epoch is [3, 1, 2, 2, 3] steps of batch 2, so
+# four of them finish early and run masked steps.
+NUM_SAMPLES = (6, 2, 4, 3, 5)
+NUM_CLIENTS = len(NUM_SAMPLES)
+STEPS = tuple(-(-n // BATCH) for n in NUM_SAMPLES)
+ROUND_STEPS = max(STEPS)
+ROUNDS = 3
+
+
+def tiny_model(mode: str = MODE, seed: int = 0, **overrides) -> Sam:
+    """The tiny SAM (image 128, low-res 32)."""
+    return Sam(get_config("tiny", **overrides), rngs=nnx.Rngs(seed))
+
+
+# Adam's eps: FedFMS's 1e-8 turns gradients that are pure rounding noise (e.g. of attention
+# key biases, which softmax ignores) into full-size steps whose sign differs between two
+# correct implementations; 1e-4 keeps the comparisons about the engine.
+EPS = 1e-4
+LEARNING_RATE = 1e-3
+
+
+def config(**changes) -> FedConfig:
+    """The tests' federation: decoder mode, a learning rate large enough that a few steps
+    move the weights visibly, one local epoch."""
+    return FedConfig(**{"mode": MODE, "learning_rate": LEARNING_RATE, "eps": EPS, **changes})
+
+
+def round_batches(round_index: int, num_clients: int = NUM_CLIENTS,
+                  steps: int = ROUND_STEPS) -> dict[str, np.ndarray]:
+    """Deterministic data of one round: image f32[K, T, B, 128, 128, 3] and blob masks
+    mask_low_res f32[K, T, B, 32, 32, 1], different for every client, round and step."""
+    rng = np.random.default_rng([round_index, num_clients, steps])
+    shape = (num_clients, steps, BATCH)
+    yy, xx = np.mgrid[0:32, 0:32]
+    centres = rng.uniform(8, 24, size=(*shape, 2))
+    radius = rng.uniform(3, 8, size=shape)
+    dist = np.hypot(yy - centres[..., 0, None, None], xx - centres[..., 1, None, None])
+    masks = (dist < radius[..., None, None]).astype(np.float32)[..., None]
+    coarse = np.repeat(np.repeat(masks, 4, axis=-3), 4, axis=-2)
+    images = 0.6 * coarse + 0.4 * rng.uniform(size=(*shape, 128, 128, 3))
+    return {"image": images.astype(np.float32), "mask_low_res": masks}
+
+
+def round_mask(num_clients: int = NUM_CLIENTS) -> np.ndarray:
+    return step_mask(STEPS[:num_clients], ROUND_STEPS)
+
+
+def run_federation(fed: Federation, rounds: int = ROUNDS, state=None, first_round: int = 0):
+    """Train `rounds` rounds of the standard data; returns (state, [RoundResult])."""
+    state = fed.init() if state is None else state
+    results = []
+    for r in range(first_round, first_round + rounds):
+        state, result = fed.run_round(state, round_batches(r), round_mask(fed.num_clients),
+                                      NUM_SAMPLES[:fed.num_clients])
+        results.append(result)
+    return state, results
+
+
+def snapshot(tree):
+    """Host copies of every leaf (the engine donates its state; a view would follow it)."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
+
+
+def assert_trees_close(actual, expected, *, rtol=1e-5, atol=1e-6, exact=False):
+    a, e = flat(actual), flat(expected)
+    assert a.keys() == e.keys(), sorted(set(a) ^ set(e))[:5]
+    for k in e:
+        if exact:
+            np.testing.assert_array_equal(a[k], e[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], e[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+# --- the reference: plain training, one client at a time -------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _reference_step(graphdef, learning_rate: float, eps: float):
+    tx = optax.adam(learning_rate, eps=eps)
+
+    @jax.jit
+    def step(params, opt_state, frozen, batch, anchor, mu):
+        def data_loss(p):
+            logits = nnx.merge(graphdef, p, frozen).segment(batch["image"])
+            return weighted_bce(logits, batch["mask_low_res"], 2.0)
+        grads = jax.grad(data_loss)(params)
+        # FedProx's gradient written out: d/dw mu/2 |w - anchor|^2 = mu (w - anchor).
+        grads = jax.tree.map(lambda g, w, a: g + mu * (w - a), grads, params, anchor)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step, tx
+
+
+def reference_train(graphdef, frozen, params, opt_state, batches, steps: int, *,
+                    learning_rate: float = LEARNING_RATE, eps: float = EPS, mu: float = 0.0):
+    """`steps` Adam steps of one client from params (its batches: leaves [T, B, ...]);
+    opt_state None starts Adam afresh. Returns (params, opt_state)."""
+    step, tx = _reference_step(graphdef, learning_rate, eps)
+    opt_state = tx.init(params) if opt_state is None else opt_state
+    anchor = params
+    for t in range(steps):
+        batch = {k: jnp.asarray(v[t]) for k, v in batches.items()}
+        params, opt_state = step(params, opt_state, frozen, batch, anchor, jnp.float32(mu))
+    return params, opt_state
+
+
+def client_slice(tree, k: int):
+    return jax.tree.map(lambda x: np.asarray(x)[k], tree)
+
+
+def main(out_path: str) -> None:
+    """The standard federation on every visible device, 4 clients per step."""
+    fed = Federation(tiny_model(), config(clients_per_step=4), NUM_CLIENTS)
+    state, results = run_federation(fed, rounds=2)
+    leaf = jax.tree.leaves(state.client_params)[0]
+    frozen_leaf = jax.tree.leaves(fed.frozen)[0]
+    info = {"devices": len(jax.devices()), "num_padded": fed.num_padded, "chunk": fed.chunk,
+            "client_spec": str(leaf.sharding.spec), "client_devices": len(leaf.sharding.device_set),
+            "frozen_replicated": bool(frozen_leaf.sharding.is_fully_replicated),
+            "weights": results[-1].weights.tolist()}
+    arrays = {f"global.{k}": v for k, v in flat(state.global_params).items()}
+    arrays |= {f"clients.{k}": v[:NUM_CLIENTS] for k, v in flat(state.client_params).items()}
+    np.savez(out_path, info=json.dumps(info), **arrays)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
