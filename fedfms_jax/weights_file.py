@@ -73,6 +73,7 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, np.ndarray], config
     os.close(fd)
     try:
         save_file(arrays, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the weights from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

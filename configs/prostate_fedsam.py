@@ -1,0 +1,7 @@
+"""FedFMS prostate, fedsam (see configs/paper.py for the settings and how to run)."""
+
+from configs import paper
+
+
+def get_config():
+    return paper.config("prostate", "fedsam")

@@ -1,0 +1,168 @@
+"""Train: federated (FedSAM / FedMSA / FedLoRA), centralised or local-only runs.
+
+    python -m fedfms_jax.train --config configs/demo.py --workdir runs/demo \
+        [--config.rounds=20 ...] [--fresh]
+
+Running again into the same workdir resumes from its last checkpoint (with a larger
+`rounds` it continues to the new count); --fresh starts over. The workdir receives
+config.json, metrics.jsonl, checkpoints/, final.safetensors (the global model, loadable
+with fedfms_jax.load_sam) and predictions.npz (for fedfms_jax.plot).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from fedfms_jax.data.records import DataError
+from fedfms_jax.experiment import (CHECKPOINTS, ConfigError, Experiment, eval_record,
+                                   summary_rows)
+from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
+from fedfms_jax.fed.comm import CommLedger
+from fedfms_jax.plot import PREDICTIONS_FILE
+from fedfms_jax.run_log import RunLog, format_table
+from fedfms_jax.weights_file import WeightsError, flat_path, save_weights
+
+FINAL_WEIGHTS = "final.safetensors"
+
+
+def save_final(experiment: Experiment, state, workdir: Path) -> Path:
+    """The global model (frozen + global trainable weights) as a weights file."""
+    model = experiment.federation.global_model(state)
+    from flax import nnx
+
+    tensors = {flat_path(path): np.asarray(v.get_value())
+               for path, v in nnx.to_flat_state(nnx.state(model))}
+    path = workdir / FINAL_WEIGHTS
+    save_weights(path, tensors, experiment.model_config,
+                 {"trained_by": "fedfms_jax.train", "mode": experiment.config.mode,
+                  "algorithm": experiment.config.algorithm, "rounds": str(int(state.round))})
+    return path
+
+
+def save_predictions(experiment: Experiment, state, workdir: Path) -> None:
+    """One validation (or test) example per site with its prediction, for the plots."""
+    images, masks, predictions, names = [], [], [], []
+    for site in [s for group in experiment.plan.sites for s in group] + list(
+            experiment.plan.unseen_sites):
+        records = experiment.sites[site].val or experiment.sites[site].train
+        image, mask, prediction = experiment.example_prediction(state, records[0], site)
+        images.append(image)
+        masks.append(mask)
+        predictions.append(prediction)
+        names.append(site)
+    np.savez_compressed(workdir / PREDICTIONS_FILE, sites=np.array(names),
+                        images=np.stack(images), masks=np.stack(masks),
+                        predictions=np.stack(predictions))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool = False,
+        echo=print) -> dict:
+    """Trains to config.rounds (resuming the workdir's last checkpoint) and returns the
+    final evaluation: {"val": {site: SiteScores}, "test": {...}, "seconds": f, ...}."""
+    workdir = Path(workdir).resolve()  # Orbax refuses relative checkpoint paths
+    experiment = Experiment(config)  # checks config, reads data, builds model: no compile yet
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    echo(experiment.describe())
+    federation = experiment.federation
+    checkpointer = FedCheckpointer(workdir / CHECKPOINTS, federation, max_to_keep=2)
+    log = RunLog(workdir, config.tensorboard)
+    state = experiment.init_state()
+    ledger = CommLedger.empty(len(experiment.plan.names))
+    if checkpointer.latest_round() is not None:
+        restored = checkpointer.restore(state)
+        state = restored.state
+        ledger = restored.ledger or ledger
+        experiment.set_iterator_states(restored.data_state["iterators"])
+        log.truncate_after(restored.round)
+        echo(f"resumed {workdir} at round {restored.round}")
+    # Written only once any checkpoint has been accepted, so a refused resume changes nothing.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    unseen = experiment.plan.unseen_sites
+    start = int(state.round)
+    result = {}
+    seconds = 0.0
+    progress = tqdm(range(start, config.rounds), desc="rounds", unit="round", initial=start,
+                    total=config.rounds, disable=not sys.stderr.isatty())
+    for round_index in progress:
+        began = time.perf_counter()
+        state, outcome = experiment.train_round(state)
+        ledger.add(outcome.comm)
+        took = time.perf_counter() - began
+        seconds += took
+        losses = {n: float(l) for n, l in zip(experiment.plan.names, outcome.mean_loss)}
+        log.write({"kind": "round", "round": round_index + 1, "loss": losses,
+                   "steps": {n: int(s) for n, s in zip(experiment.plan.names, outcome.steps)},
+                   "bytes_up_per_client": int(outcome.comm.up.max(initial=0)),
+                   "bytes_down_per_client": int(outcome.comm.down.max(initial=0)),
+                   "bytes_total": outcome.comm.total, "bytes_cumulative": ledger.total,
+                   "excluded": [n for n, ok in zip(experiment.plan.names, outcome.included)
+                                if not ok and outcome.participating[experiment.plan.names.index(n)]],
+                   "seconds": took})
+        progress.set_postfix(loss=f"{np.nanmean(outcome.mean_loss):.4f}",
+                             steps=int(outcome.steps.sum()))
+        done = round_index + 1
+        if done % config.eval.every == 0 or done == config.rounds:
+            result = {"val": experiment.evaluate(state, "val")}
+            log.write(eval_record(done, "val", result["val"], unseen))
+            if unseen:
+                result["test"] = experiment.evaluate(state, "test")
+                log.write(eval_record(done, "test", result["test"], unseen))
+            mean = np.mean([s.dice for s in result["val"].values()])
+            echo(f"round {done}: loss {np.nanmean(outcome.mean_loss):.4f}, val Dice {mean:.4f}"
+                 + (f", unseen Dice {np.mean([s.dice for s in result['test'].values()]):.4f}"
+                    if unseen else "") + f", {took:.1f}s")
+        if done % config.checkpoint_every == 0 or done == config.rounds:
+            checkpointer.save(state, data_state={"iterators": experiment.iterator_states()},
+                              ledger=ledger)
+    checkpointer.wait()
+    checkpointer.close()
+    if not result:  # nothing left to train: evaluate what the checkpoint holds
+        result = {"val": experiment.evaluate(state, "val")}
+        if unseen:
+            result["test"] = experiment.evaluate(state, "test")
+    save_final(experiment, state, workdir)
+    save_predictions(experiment, state, workdir)
+    scores = {**result["val"], **result.get("test", {})}
+    echo(format_table(["site", "dice", "iou", "hd95", "case dice", "images"],
+                      summary_rows(scores, unseen)))
+    result.update(seconds=seconds, trainable_params=experiment.trainable_params,
+                  total_params=experiment.total_params,
+                  bytes_up_per_client_per_round=int(federation.trainable_bytes)
+                  if federation.config.setting == "federated" else 0,
+                  rounds=int(state.round))
+    return result
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: logs, checkpoints, final weights")
+_FRESH = flags.DEFINE_bool("fresh", False, "delete the workdir's previous run and start over")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    try:
+        run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+    except (ConfigError, DataError, WeightsError, CheckpointMismatch) as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
