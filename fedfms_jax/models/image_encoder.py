@@ -85,19 +85,22 @@ class Attention(nnx.Module):
         qkv = self.qkv(x)
         if self.qkv_lora is not None:
             qkv = qkv + self.qkv_lora(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-        attn = jnp.einsum("bqnd,bknd->bnqk", q * self.scale, k)
+        # Heads-major [3, B, heads, N, head_dim] as official SAM: with the head axis ahead of
+        # the tokens every einsum below is a plain batched matmul, and XLA's CPU backend runs
+        # the attention ~3x faster than with tokens-major operands (bench/).
+        qkv = qkv.reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = jnp.einsum("bnqd,bnkd->bnqk", q * self.scale, k)
         # The bias uses the unscaled q, as in the official code.
         rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)
         rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)
-        r_q = q.reshape(b, h, w, self.num_heads, -1)
-        rel_h = jnp.einsum("byxnd,ykd->bnyxk", r_q, rh)
-        rel_w = jnp.einsum("byxnd,xkd->bnyxk", r_q, rw)
+        r_q = q.reshape(b, self.num_heads, h, w, -1)
+        rel_h = jnp.einsum("bnyxd,ykd->bnyxk", r_q, rh)
+        rel_w = jnp.einsum("bnyxd,xkd->bnyxk", r_q, rw)
         attn = attn.reshape(b, self.num_heads, h, w, h, w)
         attn = attn + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
         attn = softmax_f32(attn.reshape(b, self.num_heads, n, n))
-        out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, h, w, c)
+        out = jnp.einsum("bnqk,bnkd->bqnd", attn, v).reshape(b, h, w, c)
         return self.proj(out)
 
 
@@ -181,9 +184,21 @@ class ImageEncoder(nnx.Module):
                                    dtype=dtype, rngs=rngs)
         self.neck_norm2 = layer_norm(out, VIT_LAYER_NORM_EPS, dtype, rngs)
 
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        """patch_embed (a p x p conv with stride p) as the matmul it is: images f32[B, S, S, 3]
+        -> f32[B, S/p, S/p, D]. Same numbers as the conv; ~1.8x faster on XLA's CPU backend."""
+        conv = self.patch_embed
+        b, height, width, c = images.shape
+        p = conv.kernel_size[0]
+        dtype = conv.dtype or images.dtype
+        patches = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(b, height // p, width // p, p * p * c).astype(dtype)
+        kernel = conv.kernel[...].astype(dtype).reshape(p * p * c, -1)  # [p, p, c, D] row-major
+        return patches @ kernel + conv.bias[...].astype(dtype)
+
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: f32[B, S, S, 3] -> image_embeddings f32[B, S/p, S/p, prompt_embed_dim]."""
-        x = self.patch_embed(images) + self.pos_embed[...].astype(images.dtype)
+        x = self.embed_patches(images) + self.pos_embed[...].astype(images.dtype)
         for block in self.blocks:
             x = block(x)
         x = self.neck_norm1(self.neck_conv1(x))
