@@ -1,0 +1,40 @@
+"""The benchmark harness runs end to end on its smallest plan and reports what it promises.
+
+bench.run --smoke (tiny variant, one repetition, no memory cases) in a subprocess, with
+XLA's cheap compilation settings: the numbers are meaningless, the record's shape is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
+
+
+def test_smoke_plan_writes_the_summary(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("encoder_speedup", "train_step_speedup", "round_speedup",
+                "encoder_roof_fraction"):
+        assert key in summary, f"summary lacks {key}: {sorted(summary)}"
+        assert summary[key] > 0, f"{key} = {summary[key]}"
+    record = json.loads(out.read_text())
+    assert record["summary"] == summary
+    assert {"encoder tiny fwd", "train step fedsam tiny"} <= {
+        r["workload"] for r in record["workloads"]}
+    for r in record["workloads"]:
+        for framework in ("jax", "torch"):
+            assert all(t > 0 for t in r[framework]["times_s"]), (r["workload"], framework)
+        assert r["jax_compile_s"] > 0, r["workload"]
+    assert record["environment"]["torch_threads"] == record["environment"]["usable_cores"]
