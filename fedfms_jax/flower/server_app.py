@@ -1,0 +1,355 @@
+"""The ServerApp: the federation's rounds, averaged by Flower's strategies.
+
+    connect    wait (bounded) until the expected sites are connected, ask each who it is
+               (site index, name, sample count), check that no site is there twice
+    round r    the clients drawn as the simulator draws them (fed.aggregate.sample_clients)
+               get the global trainable weights; Flower's FedAvg / FedProx / FedAvgM /
+               FedAdam averages the replies weighted by 'num-examples' (training samples)
+    evaluate   every eval.every rounds and after the last: each source site scores the
+               global weights on its validation split, the unseen site on all its records
+Only the trainable subtree travels, as named arrays; every message's size is logged. The
+run's records go to <workdir>/metrics.jsonl in the format of `fedfms_jax.train` (plus a
+'sites' record and the measured message sizes) and the final global model to
+<workdir>/final.safetensors.
+
+A site that errs or goes silent mid-round (its SuperNode died: the SuperLink answers for it
+once its heartbeats stop, about a minute; or no reply before round_timeout) either fails
+the run with a message naming it (on-site-failure=fail) or is dropped from this and later
+rounds while the remaining sites go on (on-site-failure=continue, down to min-sites).
+A reply whose weights are not finite is left out of that round's average with a warning,
+as the simulator does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+
+from fedfms_jax.experiment import ALGORITHMS, ConfigError, build_model
+from fedfms_jax.fed.aggregate import sample_clients
+from fedfms_jax.fed.partition import split
+from fedfms_jax.fed.round import FedConfig, plan_clients
+from fedfms_jax.flower import arrays
+from fedfms_jax.flower.exchange import FixedNodes, Outcome, exchange
+from fedfms_jax.flower.settings import RunSettings, enable_compilation_cache
+from fedfms_jax.run_log import RunLog
+from fedfms_jax.weights_file import save_weights
+
+FINAL_WEIGHTS = "final.safetensors"
+# The runner's names and the engine's, for train.server_optimizer.
+SERVER_OPTIMIZERS = {"none": "none", "momentum": "fedavgm", "fedavgm": "fedavgm",
+                     "adam": "fedadam", "fedadam": "fedadam"}
+
+app = ServerApp()
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on; the message says which site and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteInfo:
+    node: int
+    index: int
+    name: str
+    num_train: int
+    num_val: int
+
+    def __str__(self) -> str:
+        return f"site {self.index} ({self.name}, node {self.node})"
+
+
+def check_server_config(config: ml_collections.ConfigDict) -> None:
+    """What the server can check without any site's data."""
+    if config.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm={config.algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    if ALGORITHMS[config.algorithm] != "federated":
+        raise ConfigError(f"algorithm={config.algorithm} is a baseline without a federation "
+                          "(pooled or site-local data): run it with fedfms_jax.train")
+    if config.rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {config.rounds}")
+    if config.model.weights and not Path(config.model.weights).is_file():
+        raise ConfigError(f"model.weights: {config.model.weights} does not exist on the server")
+    if config.train.server_optimizer not in SERVER_OPTIMIZERS:
+        raise ConfigError(f"train.server_optimizer={config.train.server_optimizer!r}; known: "
+                          f"{', '.join(SERVER_OPTIMIZERS)}")
+    if not 0.0 < config.train.client_fraction <= 1.0:
+        raise ConfigError(f"train.client_fraction must be in (0, 1], got "
+                          f"{config.train.client_fraction}")
+
+
+def make_strategy(config: ml_collections.ConfigDict) -> Strategy:
+    """Flower's strategy for the config. Sampling is done before the strategy sees the
+    nodes (as the simulator samples), so the strategy takes every node it is given."""
+    every = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                 min_evaluate_nodes=1, min_available_nodes=1)
+    server = SERVER_OPTIMIZERS[config.train.server_optimizer]
+    defaults = FedConfig()
+    if config.algorithm == "fedprox":
+        if server != "none":
+            raise ConfigError("algorithm=fedprox with a server optimizer has no Flower strategy "
+                              "(FedProx averages plainly): set train.server_optimizer=none")
+        return FedProx(**every, proximal_mu=float(config.train.prox_mu))
+    if server == "none":
+        return FedAvg(**every)
+    if server == "fedavgm":
+        return FedAvgM(**every, server_learning_rate=float(config.train.server_lr),
+                       server_momentum=defaults.server_momentum)
+    return FedAdam(**every, eta=float(config.train.server_lr),
+                   eta_l=float(config.train.learning_rate), beta_1=defaults.server_b1,
+                   beta_2=defaults.server_b2, tau=defaults.server_eps)
+
+
+def all_finite(record: ArrayRecord) -> bool:
+    return all(np.isfinite(array.numpy()).all() for array in record.values())
+
+
+class Server:
+    """One Flower run of an experiment config."""
+
+    def __init__(self, grid: Grid, settings: RunSettings):
+        self.grid = grid
+        self.settings = settings
+        self.config = settings.config
+        check_server_config(self.config)
+        self.run_log = RunLog(settings.workdir) if settings.workdir else None
+        model = build_model(self.config)
+        self.model_config = model.config
+        self.graphdef, trainable, self.frozen = split(model, self.config.mode)
+        self.like = trainable
+        self.global_arrays = arrays.to_arrayrecord(trainable)
+        self.strategy = make_strategy(self.config)
+        self.lost: dict[str, str] = {}   # site name -> why it left the federation
+        self.bytes_cumulative = 0
+
+    # --- records and messages ---------------------------------------------------------
+
+    def write(self, record: dict) -> None:
+        if self.run_log is not None:
+            self.run_log.write(record)
+
+    def fail(self, round_index: int, message: str) -> None:
+        self.write({"kind": "error", "round": round_index, "error": message})
+        raise FederationError(message)
+
+    def site_failures(self, round_index: int, what: str, outcome: Outcome,
+                      sites: Mapping[int, SiteInfo]) -> None:
+        """Applies the failure policy to the sites of `outcome` that gave no usable reply."""
+        failed = outcome.failed
+        if not failed:
+            return
+        described = "; ".join(f"{sites[node]}: {reason}" for node, reason in failed.items())
+        if self.settings.on_site_failure == "fail":
+            self.fail(round_index, f"round {round_index}: {what} failed at {described} "
+                                   "(on-site-failure=fail; with 'continue' the other sites "
+                                   "would go on)")
+        for node, reason in failed.items():
+            self.lost[sites[node].name] = f"round {round_index} {what}: {reason}"
+        log(WARNING, "round %d: %s failed at %s; continuing without them", round_index, what,
+            described)
+
+    # --- the run ----------------------------------------------------------------------
+
+    def connect(self) -> dict[int, SiteInfo]:
+        """node id -> SiteInfo of every connected site, after all expected ones came."""
+        wanted = self.settings.num_sites
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while len(nodes := list(self.grid.get_node_ids())) < wanted:
+            if time.monotonic() > deadline:
+                self.fail(0, f"only {len(nodes)} of {wanted} sites connected within "
+                             f"{self.settings.connect_timeout:.0f} s (connect-timeout)")
+            time.sleep(0.5)
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node,
+                           message_type=MessageType.QUERY) for node in nodes]
+        outcome = exchange(self.grid, queries, max(deadline - time.monotonic(), 60.0))
+        if outcome.failed:
+            self.fail(0, "sites could not say who they are: " + "; ".join(
+                f"node {node}: {reason}" for node, reason in outcome.failed.items()))
+        sites = {}
+        for node, reply in outcome.replies.items():
+            metrics = reply.content["metrics"]
+            sites[node] = SiteInfo(node, int(metrics["site-index"]),
+                                   str(reply.content["site"]["site-name"]),
+                                   int(metrics["num-train"]), int(metrics["num-val"]))
+        by_index: dict[int, list[SiteInfo]] = {}
+        for info in sites.values():
+            by_index.setdefault(info.index, []).append(info)
+        twice = {i: s for i, s in by_index.items() if len(s) > 1}
+        if twice:
+            self.fail(0, "the same site connected more than once: " + "; ".join(
+                f"site-index {i} at nodes {[s.node for s in infos]}"
+                for i, infos in twice.items()))
+        names = [info.name for info in sites.values()]
+        if len(set(names)) != len(names):
+            self.fail(0, f"two sites have the same name: {sorted(names)}")
+        unseen = self.config.data.unseen_site
+        if unseen and unseen not in names:
+            self.fail(0, f"data.unseen_site={unseen!r} is none of the connected sites "
+                         f"({', '.join(sorted(names))})")
+        return dict(sorted(sites.items(), key=lambda item: item[1].index))
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        sites = self.connect()
+        ordered = sorted(sites.values(), key=lambda s: s.index)
+        self.write({"kind": "sites", "round": 0, "sites": [dataclasses.asdict(s)
+                                                            for s in ordered]})
+        log(INFO, "sites: %s", ", ".join(f"{s} n={s.num_train}" for s in ordered))
+        held_out = [self.config.data.unseen_site] if self.config.data.unseen_site else []
+        plan = plan_clients({s.name: s.num_train for s in ordered}, "federated", held_out)
+        by_name = {s.name: s for s in ordered}
+        clients = [by_name[name] for name in plan.names]
+        client_sites = [s.index for s in clients]
+        rounds = int(self.config.rounds)
+        for round_index in range(rounds):
+            self.train_round(round_index, clients, client_sites)
+            done = round_index + 1
+            if done % self.config.eval.every == 0 or done == rounds:
+                self.evaluate(done, clients, [by_name[n] for n in plan.unseen_sites])
+        weights = self.save_final()
+        summary = {"kind": "done", "round": rounds, "rounds": rounds,
+                   "seconds": time.perf_counter() - started, "weights": weights,
+                   "bytes_cumulative": self.bytes_cumulative, "lost": self.lost}
+        self.write(summary)
+        return summary
+
+    def train_round(self, round_index: int, clients: list[SiteInfo],
+                    client_sites: list[int]) -> None:
+        done = round_index + 1
+        began = time.perf_counter()
+        drawn = sample_clients(len(clients), float(self.config.train.client_fraction),
+                               int(self.config.seed), round_index)
+        taking_part = [s for s, d in zip(clients, drawn) if d and s.name not in self.lost]
+        if self.lost and len(taking_part) < self.settings.min_sites:
+            self.fail(done, f"round {done}: only {len(taking_part)} site(s) left "
+                            f"(min-sites={self.settings.min_sites}); lost: {self.lost}")
+        by_node = {s.node: s for s in taking_part}
+        messages = list(self.strategy.configure_train(
+            done, self.global_arrays, ConfigRecord({"client-sites": client_sites}),
+            FixedNodes(list(by_node))))
+        down = arrays.message_bytes(self.global_arrays)
+        for message in messages:
+            log(INFO, "round %d: to %s: %d bytes", done, by_node[message.metadata.dst_node_id],
+                down)
+        outcome = exchange(self.grid, messages, self.settings.round_timeout)
+        up = {}
+        for node, reply in list(outcome.replies.items()):
+            record = reply.content.array_records.get("arrays", ArrayRecord())
+            up[by_node[node].name] = arrays.message_bytes(record)
+            log(INFO, "round %d: from %s: %d bytes", done, by_node[node], up[by_node[node].name])
+            try:
+                arrays.check_arrays(arrays.arrays_of(record), self.like,
+                                    f"the reply of {by_node[node]}")
+            except arrays.ArrayRecordMismatch as error:
+                del outcome.replies[node]
+                outcome.errors[node] = str(error)
+        self.site_failures(done, "training", outcome, by_node)
+        if outcome.failed and len(outcome.replies) < self.settings.min_sites:
+            self.fail(done, f"round {done}: {len(outcome.replies)} site(s) replied, fewer than "
+                            f"min-sites={self.settings.min_sites}; lost: {self.lost}")
+
+        kept, excluded, loss, steps = [], [], {}, {}
+        for node, reply in outcome.replies.items():
+            site = by_node[node]
+            metrics = reply.content["metrics"]
+            loss[site.name] = float(metrics["loss"])
+            steps[site.name] = int(metrics["steps"])
+            if all_finite(reply.content["arrays"]):
+                kept.append(reply)
+            else:
+                excluded.append(site.name)
+                log(WARNING, "round %d: %s sent a non-finite update: left out of the average",
+                    done, site)
+        if kept:
+            new_arrays, _ = self.strategy.aggregate_train(done, kept)
+            if new_arrays is not None:
+                self.global_arrays = arrays.cast_like(new_arrays, self.like)
+        else:
+            log(WARNING, "round %d: no update to average; the global weights are unchanged", done)
+        total = down * len(messages) + sum(up.values())
+        self.bytes_cumulative += total
+        ordered = [s.name for s in taking_part]
+        self.write({
+            "kind": "round", "round": done, "loss": loss, "steps": steps,
+            "bytes_up_per_client": max(up.values(), default=0),
+            "bytes_down_per_client": down if messages else 0,
+            "bytes_total": total, "bytes_cumulative": self.bytes_cumulative,
+            "payload_bytes_per_client": arrays.payload_bytes(self.global_arrays),
+            "message_bytes": {name: {"down": down, "up": up.get(name)} for name in ordered},
+            "excluded": excluded, "sites": ordered,
+            "failed": {name: why for name, why in self.lost.items()
+                       if why.startswith(f"round {done} ")},
+            "seconds": time.perf_counter() - began})
+
+    def evaluate(self, done: int, clients: list[SiteInfo], unseen: list[SiteInfo]) -> None:
+        targets = [(s, "val") for s in clients] + [(s, "test") for s in unseen]
+        targets = [(s, split_) for s, split_ in targets if s.name not in self.lost]
+        by_node = {s.node: s for s, _ in targets}
+        messages = [Message(RecordDict({"arrays": self.global_arrays, "config": ConfigRecord(
+            {"split": split_, "server-round": done})}), dst_node_id=s.node,
+            message_type=MessageType.EVALUATE) for s, split_ in targets]
+        outcome = exchange(self.grid, messages, self.settings.round_timeout)
+        self.site_failures(done, "evaluation", outcome, by_node)
+        for split_ in ("val", "test"):
+            scores = {}
+            for s, kind in targets:
+                if kind == split_ and s.node in outcome.replies:
+                    m = outcome.replies[s.node].content["metrics"]
+                    scores[s.name] = {"dice": float(m["dice"]), "iou": float(m["iou"]),
+                                      "hd95": float(m["hd95"]), "case_dice": float(m["case-dice"]),
+                                      "images": int(m["num-examples"])}
+            if not scores:
+                continue
+            unseen_names = {s.name for s in unseen}
+            source = [v["dice"] for k, v in scores.items() if k not in unseen_names]
+            held = [v["dice"] for k, v in scores.items() if k in unseen_names]
+            self.write({"kind": "eval", "round": done, "split": split_, "sites": scores,
+                        "mean_dice_source": float(np.mean(source)) if source else None,
+                        "dice_unseen": float(np.mean(held)) if held else None})
+
+    def global_params(self):
+        return arrays.from_arrayrecord(self.global_arrays, self.like, "the global weights")
+
+    def save_final(self) -> str | None:
+        """The global model (frozen + global trainable weights) as a weights file."""
+        if not self.settings.workdir:
+            return None
+        from flax import nnx
+
+        from fedfms_jax.weights_file import flat_path
+
+        model = nnx.merge(self.graphdef, self.global_params(), self.frozen)
+        tensors = {flat_path(path): np.asarray(v.get_value())
+                   for path, v in nnx.to_flat_state(nnx.state(model))}
+        path = Path(self.settings.workdir) / FINAL_WEIGHTS
+        save_weights(path, tensors, self.model_config,
+                     {"trained_by": "fedfms_jax.flower", "mode": self.config.mode,
+                      "algorithm": self.config.algorithm, "rounds": str(self.config.rounds)})
+        return str(path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    enable_compilation_cache()
+    try:
+        summary = Server(grid, settings).run()
+    except FederationError:
+        raise  # already recorded
+    except Exception as error:
+        if settings.workdir:
+            RunLog(settings.workdir).write({"kind": "error", "round": -1,
+                                            "error": f"{type(error).__name__}: {error}"})
+        raise
+    log(INFO, "done: %d rounds in %.1f s, %d bytes in messages", summary["rounds"],
+        summary["seconds"], summary["bytes_cumulative"])

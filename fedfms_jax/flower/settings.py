@@ -1,0 +1,114 @@
+"""What a Flower run is told: the experiment config and the deployment's knobs.
+
+Flower hands a run a flat `run_config` of scalars (the `[tool.flwr.app.config]` table of the
+app's pyproject.toml, plus `flwr run --run-config` overrides). Ours carries the whole
+ml_collections experiment config as JSON -- the same config `fedfms_jax.train` runs, so the
+server and every site agree on model, mode, optimiser and data without sharing files -- and
+the deployment settings below, which have no meaning for the in-process simulator.
+
+Each site's own settings come from its SuperNode's `--node-config`:
+  site-index   which site of the data set this node is (0-based, in the data layer's order);
+               Flower's simulation runtime sets `partition-id` instead, which is accepted too
+  data-root    this site's data root, when it differs from the config's `data.root`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+FAILURE_POLICIES = ("fail", "continue")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The deployment settings of one Flower run (all waits bounded)."""
+
+    config_json: str                 # the experiment config (ml_collections) as JSON
+    num_sites: int                   # sites that must connect before round 1
+    workdir: str = ""                # where the server writes metrics and weights ('' = none)
+    connect_timeout: float = 300.0   # s to wait for `num_sites` sites to connect
+    round_timeout: float = 3600.0    # s to wait for the replies of one round
+    on_site_failure: str = "fail"    # a site errs or is lost mid-round: 'fail' the run, or
+                                     # 'continue' with the remaining sites
+    min_sites: int = 1               # with 'continue': fewest replies a round may average
+
+    def __post_init__(self):
+        if self.on_site_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on-site-failure must be one of {FAILURE_POLICIES}, got "
+                             f"{self.on_site_failure!r}")
+        if self.num_sites < 1:
+            raise ValueError(f"num-sites must be >= 1, got {self.num_sites}")
+        for name in ("connect_timeout", "round_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0 seconds")
+        if self.min_sites < 1:
+            raise ValueError(f"min-sites must be >= 1, got {self.min_sites}")
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return config_from_json(self.config_json)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower run_config keys (dashes, as Flower's own keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        if "config-json" not in run_config:
+            raise ValueError("the run config has no 'config-json': start the run with "
+                             "`python -m fedfms_jax.flower.local` or an app directory written "
+                             "by its --write_app")
+        values = {}
+        for key, field in known.items():
+            if key in run_config:
+                values[field.name] = _cast(field, run_config[key])
+        return cls(**values)
+
+
+def _cast(field: dataclasses.Field, value: Any) -> Any:
+    kind = {"str": str, "int": int, "float": float}[field.type]
+    return kind(value)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json(sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+def site_index(node_config: Mapping[str, Any]) -> int:
+    """This node's site: `site-index`, or Flower simulation's `partition-id`."""
+    for key in ("site-index", "partition-id"):
+        if key in node_config:
+            return int(node_config[key])
+    raise ValueError("this SuperNode does not say which site it is: start it with "
+                     "--node-config 'site-index=K' (K = 0, 1, ... in the data's site order)")
+
+
+DEFAULT_COMPILATION_CACHE = Path.home() / ".cache" / "fedfms_jax" / "jax"
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, for every program however small.
+
+    Flower starts a new ClientApp (and ServerApp) process for every message, so without it
+    each site would recompile its model initialisation and training step every round (for
+    ViT-B, minutes). JAX_COMPILATION_CACHE_DIR chooses the folder; default
+    ~/.cache/fedfms_jax/jax.
+    """
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(DEFAULT_COMPILATION_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
