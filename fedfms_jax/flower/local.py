@@ -34,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fedfms_jax.flower import bundle, certs
-from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_sigterm,
+from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_signals,
                                          free_port, tail, wait_for_port)
 from fedfms_jax.flower.settings import FAILURE_POLICIES, RunSettings, config_to_json
 
@@ -273,7 +273,7 @@ def main(argv) -> None:
         print(f"wrote {bundle.write_app(_WRITE_APP.value, settings)}")
         return
     workdir = Path(_WORKDIR.value or time.strftime("runs/flower-%Y%m%d-%H%M%S"))
-    exit_on_sigterm()
+    exit_on_signals()
     try:
         summary = deploy(config, _SITES.value, workdir, tls=_TLS.value, timeout=_TIMEOUT.value,
                          round_timeout=_ROUND_TIMEOUT.value,

@@ -57,12 +57,17 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit(143) in the main thread, so `with Processes(...)` blocks
-    unwind and stop their children, as they do on Ctrl-C."""
+def exit_on_signals() -> None:
+    """SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt in the main thread, so
+    `with Processes(...)` blocks unwind and stop their children.
+
+    SIGINT is set explicitly: a process started with SIGINT ignored (a background job of a
+    non-interactive shell, a pytest-xdist worker's child) inherits SIG_IGN, and Python then
+    leaves it ignored, so Ctrl-C / kill -INT would leave the whole federation running."""
     def handler(signum, frame):
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

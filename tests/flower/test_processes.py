@@ -67,8 +67,8 @@ def test_check_names_the_child_that_exited(tag, tmp_path):
 
 LAUNCHER = textwrap.dedent("""
     import sys, time
-    from fedfms_jax.flower.processes import Processes, exit_on_sigterm
-    exit_on_sigterm()
+    from fedfms_jax.flower.processes import Processes, exit_on_signals
+    exit_on_signals()
     with Processes(sys.argv[1]) as procs:
         procs.start("child", [sys.executable, "-c", "import time; time.sleep(600)"],
                     sys.argv[2])
@@ -79,10 +79,13 @@ LAUNCHER = textwrap.dedent("""
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
 def test_launcher_death_takes_children_along(tag, tmp_path, how):
-    """Ctrl-C and SIGTERM run the cleanup; SIGKILL leaves it to PR_SET_PDEATHSIG."""
+    """Ctrl-C and SIGTERM run the cleanup; SIGKILL leaves it to PR_SET_PDEATHSIG. The
+    launcher starts with SIGINT ignored, as a background job of a script does: Ctrl-C must
+    stop it all the same."""
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, tag, str(tmp_path / "child.log")],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "FEDFMS_FLOWER_RUN": tag})
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "FEDFMS_FLOWER_RUN": tag},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert launcher.stdout.readline().strip() == "started"
         assert wait_until(lambda: len(tagged_processes(tag)) == 2)  # launcher + child
