@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.learning_rate = 1e-4
+    c.train.adam_eps = 1e-8    # torch's (and FedFMS's) Adam epsilon
     c.train.pos_weight = 2.0
     c.train.local_epochs = 1   # FedFMS: one epoch per client per round ...
     c.train.local_steps = 0    # ... or, when > 0, this many steps for every client

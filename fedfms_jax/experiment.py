@@ -82,6 +82,7 @@ def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
     epochs = None if t.local_steps > 0 else t.local_epochs
     return FedConfig(
         mode=config.mode, setting=ALGORITHMS[config.algorithm], learning_rate=t.learning_rate,
+        eps=t.adam_eps,
         pos_weight=t.pos_weight, local_steps=t.local_steps or None, local_epochs=epochs,
         reset_optimizer=t.reset_optimizer,
         prox_mu=t.prox_mu if config.algorithm == "fedprox" else 0.0,
