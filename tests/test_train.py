@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedfms_jax.evaluate import RunError, evaluate
+from fedfms_jax.fed.checkpoint import CheckpointMismatch
 from fedfms_jax.experiment import ConfigError, load_config_file
 from fedfms_jax.run_log import read_records
 from fedfms_jax.train import FINAL_WEIGHTS, run
@@ -37,11 +38,13 @@ def final_weights(workdir):
     return read_weights(workdir / FINAL_WEIGHTS)[1]
 
 
-def test_run_logs_evaluates_and_resumes_exactly(tmp_path):
-    """2 rounds, then resumed to 3, equals 3 uninterrupted rounds."""
+def test_run_logs_evaluates_and_resumes_exactly(tmp_path, monkeypatch):
+    """2 rounds, then resumed to 3, equals 3 uninterrupted rounds; evaluate rescores the
+    run; a checkpoint of another mode is refused and changes nothing."""
     config = small_config(mode="fedmsa")
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    first = run(config, interrupted)
+    monkeypatch.chdir(tmp_path)
+    first = run(config, "interrupted")  # a relative workdir, as users type it
     assert set(first["val"]) == {"site1", "site2"} and set(first["test"]) == {"site3"}
     assert 0 <= first["val"]["site1"].dice <= 1
     printed = []
@@ -66,6 +69,13 @@ def test_run_logs_evaluates_and_resumes_exactly(tmp_path):
     assert read_records(straight, "eval")[-1]["round"] == 3
     with pytest.raises(RunError, match="config.json not found"):
         evaluate(tmp_path / "nowhere")
+
+    saved = (straight / "config.json").read_text()
+    config.mode = "decoder"
+    with pytest.raises(CheckpointMismatch, match="mode"):
+        run(config, straight)
+    assert (straight / "config.json").read_text() == saved
+    assert [r["round"] for r in read_records(straight, "round")] == [1, 2, 3]
 
 
 def set_weights(c):
@@ -116,14 +126,3 @@ def test_unseen_site_must_exist(tmp_path):
         run(config, tmp_path / "run")
 
 
-def test_checkpoint_of_another_mode_is_refused(tmp_path, monkeypatch):
-    from fedfms_jax.fed.checkpoint import CheckpointMismatch
-
-    config = small_config(rounds=1, mode="decoder")
-    monkeypatch.chdir(tmp_path)
-    run(config, "run")  # a relative workdir, as users type it
-    config.mode = "fedmsa"
-    config.rounds = 2
-    with pytest.raises(CheckpointMismatch, match="mode"):
-        run(config, tmp_path / "run")
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["round"] == 1

@@ -187,8 +187,8 @@ class Server:
         twice = {i: s for i, s in by_index.items() if len(s) > 1}
         if twice:
             self.fail(0, "the same site connected more than once: " + "; ".join(
-                f"site-index {i} at nodes {[s.node for s in infos]}"
-                for i, infos in twice.items()))
+                f"site-index {i} at nodes {sorted(s.node for s in infos)}"
+                for i, infos in sorted(twice.items())))
         names = [info.name for info in sites.values()]
         if len(set(names)) != len(names):
             self.fail(0, f"two sites have the same name: {sorted(names)}")

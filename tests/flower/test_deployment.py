@@ -151,6 +151,7 @@ def test_a_site_killed_mid_round_fails_the_run_by_default(tmp_path, launch):
     assert run.leftovers() == []
 
 
+@pytest.mark.slow  # the mechanism is in make test: test_processes.py's launcher-death tests
 def test_ctrl_c_stops_every_process(tmp_path, launch):
     run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2", *TWO_SITES,
                  "--connect_timeout", "200")
