@@ -28,6 +28,7 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
 
     from bench import torch_reference as ref
     from bench import workloads as w
+    from tests.torch_fedfms import build_torch_fedfms
 
     baseline = rss_mb()
     env = w.Env(device, dtype)
@@ -47,7 +48,7 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
                                                sample=False)
             jax.block_until_ready(state[0])
     else:
-        torch_model = ref.build_torch_model(config).to(env.torch_device)
+        torch_model = build_torch_fedfms(config).to(env.torch_device)
         fedfms = ref.FedFMSRound(torch_model, mode, clients, env.autocast)
         torch_batches = [[(w.to_torch(images[k, s], env), w.to_torch(targets[k, s], env))
                           for s in range(steps)] for k in range(clients)]

@@ -1,7 +1,7 @@
 """The PyTorch side of the benchmarks, written the plain way FedFMS's code is.
 
-The model is the official SAM (PyPI `segment-anything`, built by tests/torch_sam.py); FedMSA
-adds the upstream Medical SAM Adapter to every encoder block (REFERENCE.md section 2):
+The model is the official SAM with, for FedMSA, the upstream Medical SAM Adapter in every
+encoder block (tests/torch_fedfms.build_torch_fedfms, the parity tests' reference too):
 
     x = shortcut + Space_Adapter(attn(norm1(x)))                   serial, with skip
     x = x + mlp(norm2(x)) + 0.5 * MLP_Adapter(norm2(x))            parallel, no skip
@@ -20,65 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedfms_jax.models import SamConfig
-from tests.torch_sam import build_torch_sam, modeling, randomise
 
 POS_WEIGHT = 2.0
 LEARNING_RATE = 1e-4
-
-
-class TorchAdapter(nn.Module):
-    """Medical-SAM-Adapter's Adapter: D_fc2(GELU(D_fc1(x))), plus x when skip_connect."""
-
-    def __init__(self, dim: int, hidden: int, skip_connect: bool):
-        super().__init__()
-        self.skip_connect = skip_connect
-        self.act = nn.GELU()
-        self.D_fc1 = nn.Linear(dim, hidden)
-        self.D_fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.D_fc2(self.act(self.D_fc1(x)))
-        return x + xs if self.skip_connect else xs
-
-
-def _adapter_block_class():
-    """The official ViT Block with upstream's adapter forward (windows padded after norm1,
-    as official SAM; the space adapter acts per token, so inside or outside the windows is
-    the same function)."""
-    image_encoder = modeling().image_encoder
-
-    class AdapterBlock(image_encoder.Block):
-        def forward(self, x):
-            shortcut = x
-            x = self.norm1(x)
-            if self.window_size > 0:
-                h, w = x.shape[1], x.shape[2]
-                x, pad_hw = image_encoder.window_partition(x, self.window_size)
-            x = self.Space_Adapter(self.attn(x))
-            if self.window_size > 0:
-                x = image_encoder.window_unpartition(x, self.window_size, pad_hw, (h, w))
-            x = shortcut + x
-            xn = self.norm2(x)
-            return x + self.mlp(xn) + self.scale * self.MLP_Adapter(xn)
-
-    return AdapterBlock
-
-
-def build_torch_model(config: SamConfig, seed: int = 0) -> nn.Module:
-    """Official SAM with the config's shapes (plus the adapters when config.adapter is
-    'msa'), every tensor random (seeded, tests/torch_sam.randomise)."""
-    sam = build_torch_sam(config, seed)
-    if config.adapter == "msa":
-        block_class = _adapter_block_class()
-        d, hidden = config.embed_dim, config.adapter_hidden_dim
-        for block in sam.image_encoder.blocks:
-            block.__class__ = block_class
-            block.Space_Adapter = TorchAdapter(d, hidden, skip_connect=True)
-            block.MLP_Adapter = TorchAdapter(d, hidden, skip_connect=False)
-            block.scale = config.adapter_scale
-        randomise(sam, seed)
-    return sam
 
 
 def is_trainable(name: str, mode: str) -> bool:

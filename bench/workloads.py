@@ -27,6 +27,7 @@ from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import Sam, SamConfig, get_config
 from fedfms_jax.weights_file import check_shapes, expected_shapes, flat_path
+from tests.torch_fedfms import build_torch_fedfms
 from tests.torch_sam import state_dict_numpy
 from weights.convert import torch_to_flax
 
@@ -80,7 +81,7 @@ def model_config(variant: str, mode: str | None) -> SamConfig:
 
 def build_models(config: SamConfig, env: Env, seed: int = 0) -> tuple[torch.nn.Module, Sam]:
     """(official PyTorch model, Flax model with the same weights)."""
-    torch_model = ref.build_torch_model(config, seed)
+    torch_model = build_torch_fedfms(config, seed)
     tensors, _ = torch_to_flax(state_dict_numpy(torch_model), config.variant,
                                report=lambda *_: None)
     flax_config = config.replace(dtype=env.jax_dtype)
