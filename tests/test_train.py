@@ -18,18 +18,9 @@ from fedfms_jax.weights_file import read_weights
 
 
 def small_config(**changes):
-    """configs/demo.py shrunk: random tiny SAM, 3 small synthetic sites, one unseen."""
-    config = load_config_file("configs/demo.py")
-    config.model.weights = ""
-    config.model.variant = "tiny"
-    config.data.options.num_sites = 3
-    config.data.options.per_site = 12
-    config.data.unseen_site = "site3"
-    config.data.batch_size = 4
-    config.data.num_threads = 0
-    config.rounds = 2
-    config.eval.every = 2
-    config.eval.batch_size = 4
+    """tests/tiny_config.py (configs/demo.py shrunk: random tiny SAM, 3 small synthetic
+    sites, site3 unseen, 2 rounds) with `changes`."""
+    config = load_config_file("tests/tiny_config.py")
     config.update(changes)
     return config
 

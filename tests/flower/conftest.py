@@ -16,7 +16,7 @@ import pytest
 from fedfms_jax.flower.processes import RUN_TAG_ENV, tagged_processes
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = "tests/flower/tiny_config.py"
+TINY_CONFIG = "tests/tiny_config.py"
 
 
 @pytest.fixture(scope="session")

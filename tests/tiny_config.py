@@ -1,6 +1,6 @@
-"""configs/demo.py shrunk for the Flower tests: a random tiny SAM in FedMSA mode, 3 small
-synthetic sites of different sizes (so the sites take different numbers of local steps),
-site3 unseen, 2 rounds with one evaluation at the end."""
+"""configs/demo.py shrunk for the runner and Flower tests: a random tiny SAM in FedMSA mode,
+3 small synthetic sites of different sizes (so the sites take different numbers of local
+steps), site3 unseen, 2 rounds with one evaluation at the end."""
 
 from configs import demo
 
