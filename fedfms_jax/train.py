@@ -30,20 +30,16 @@ from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.plot import PREDICTIONS_FILE
 from fedfms_jax.run_log import RunLog, format_table
-from fedfms_jax.weights_file import WeightsError, flat_path, save_weights
+from fedfms_jax.weights_file import WeightsError, flat_state, save_weights
 
 FINAL_WEIGHTS = "final.safetensors"
 
 
 def save_final(experiment: Experiment, state, workdir: Path) -> Path:
     """The global model (frozen + global trainable weights) as a weights file."""
-    model = experiment.federation.global_model(state)
-    from flax import nnx
-
-    tensors = {flat_path(path): np.asarray(v.get_value())
-               for path, v in nnx.to_flat_state(nnx.state(model))}
     path = workdir / FINAL_WEIGHTS
-    save_weights(path, tensors, experiment.model_config,
+    save_weights(path, flat_state(experiment.federation.global_model(state)),
+                 experiment.model_config,
                  {"trained_by": "fedfms_jax.train", "mode": experiment.config.mode,
                   "algorithm": experiment.config.algorithm, "rounds": str(int(state.round))})
     return path
@@ -107,8 +103,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
                    "bytes_up_per_client": int(outcome.comm.up.max(initial=0)),
                    "bytes_down_per_client": int(outcome.comm.down.max(initial=0)),
                    "bytes_total": outcome.comm.total, "bytes_cumulative": ledger.total,
-                   "excluded": [n for n, ok in zip(experiment.plan.names, outcome.included)
-                                if not ok and outcome.participating[experiment.plan.names.index(n)]],
+                   "excluded": [n for n, drawn, ok in zip(experiment.plan.names,
+                                                          outcome.participating,
+                                                          outcome.included) if drawn and not ok],
                    "seconds": took})
         progress.set_postfix(loss=f"{np.nanmean(outcome.mean_loss):.4f}",
                              steps=int(outcome.steps.sum()))

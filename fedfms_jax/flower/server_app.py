@@ -30,12 +30,14 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from flax import nnx
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from fedfms_jax.experiment import ALGORITHMS, ConfigError, build_model
+from fedfms_jax.experiment import (ALGORITHMS, ConfigError, SiteScores, build_model,
+                                   eval_record)
 from fedfms_jax.fed.aggregate import sample_clients
 from fedfms_jax.fed.partition import split
 from fedfms_jax.fed.round import FedConfig, plan_clients
@@ -43,7 +45,7 @@ from fedfms_jax.flower import arrays
 from fedfms_jax.flower.exchange import FixedNodes, Outcome, exchange
 from fedfms_jax.flower.settings import RunSettings, enable_compilation_cache
 from fedfms_jax.run_log import RunLog
-from fedfms_jax.weights_file import save_weights
+from fedfms_jax.weights_file import flat_state, save_weights
 
 FINAL_WEIGHTS = "final.safetensors"
 # The runner's names and the engine's, for train.server_optimizer.
@@ -305,17 +307,11 @@ class Server:
             for s, kind in targets:
                 if kind == split_ and s.node in outcome.replies:
                     m = outcome.replies[s.node].content["metrics"]
-                    scores[s.name] = {"dice": float(m["dice"]), "iou": float(m["iou"]),
-                                      "hd95": float(m["hd95"]), "case_dice": float(m["case-dice"]),
-                                      "images": int(m["num-examples"])}
-            if not scores:
-                continue
-            unseen_names = {s.name for s in unseen}
-            source = [v["dice"] for k, v in scores.items() if k not in unseen_names]
-            held = [v["dice"] for k, v in scores.items() if k in unseen_names]
-            self.write({"kind": "eval", "round": done, "split": split_, "sites": scores,
-                        "mean_dice_source": float(np.mean(source)) if source else None,
-                        "dice_unseen": float(np.mean(held)) if held else None})
+                    scores[s.name] = SiteScores(
+                        dice=float(m["dice"]), iou=float(m["iou"]), hd95=float(m["hd95"]),
+                        case_dice=float(m["case-dice"]), images=int(m["num-examples"]))
+            if scores:
+                self.write(eval_record(done, split_, scores, tuple(s.name for s in unseen)))
 
     def global_params(self):
         return arrays.from_arrayrecord(self.global_arrays, self.like, "the global weights")
@@ -324,15 +320,9 @@ class Server:
         """The global model (frozen + global trainable weights) as a weights file."""
         if not self.settings.workdir:
             return None
-        from flax import nnx
-
-        from fedfms_jax.weights_file import flat_path
-
         model = nnx.merge(self.graphdef, self.global_params(), self.frozen)
-        tensors = {flat_path(path): np.asarray(v.get_value())
-                   for path, v in nnx.to_flat_state(nnx.state(model))}
         path = Path(self.settings.workdir) / FINAL_WEIGHTS
-        save_weights(path, tensors, self.model_config,
+        save_weights(path, flat_state(model), self.model_config,
                      {"trained_by": "fedfms_jax.flower", "mode": self.config.mode,
                       "algorithm": self.config.algorithm, "rounds": str(self.config.rounds)})
         return str(path)
