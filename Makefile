@@ -3,7 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench clean
+.PHONY: test test-slow demo bench clean test-data
+
+# Real volumes for the tests (Colin27 T1, AAL atlas, INIA19): Debian's mricron-data.
+MRICRON := /usr/share/mricron/templates/ch2.nii.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,10 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,convert]'
 	touch $(STAMP)
 
-test: $(STAMP)
+$(MRICRON):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq mricron-data
+
+test-data: $(MRICRON)
+
+test: $(STAMP) test-data
 	$(PY) -m pytest -q -n 2 --durations=10
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) test-data
 	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
