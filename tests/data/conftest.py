@@ -78,3 +78,47 @@ def folders_root(tmp_path) -> Path:
     make_folders_site(tmp_path, "site1", train=4, val=2)
     make_folders_site(tmp_path, "site2", train=6, val=None, seed=1)
     return tmp_path
+
+
+def write_dicom_series(image, folder: Path, *, reverse_names: bool = False,
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.7.1") -> Path:
+    """Writes a SimpleITK 3-D image as one int16 MR DICOM series, a file per slice, with the
+    image's geometry in ImagePositionPatient/ImageOrientationPatient. reverse_names numbers
+    the files from the last slice, so file order runs against slice position."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    d = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    depth = image.GetDepth()
+    for k in range(depth):
+        position = "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+                "0020|000d": series_uid + ".0", "0020|000e": series_uid,
+                "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+                "0020|0032": position, "0020|0037": orientation,
+                "0018|0050": str(image.GetSpacing()[2])}
+        slice_ = image[:, :, k]
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{depth - 1 - k if reverse_names else k:03d}.dcm"))
+        writer.Execute(slice_)
+    return folder
+
+
+def save_itk(path: Path, array_ijk: np.ndarray, affine_ras: np.ndarray) -> Path:
+    """Writes a [i,j,k] array with a RAS affine in the format of path's suffix (SimpleITK)."""
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_ijk.T))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
