@@ -23,6 +23,7 @@ import numpy as np
 
 from fedfms_jax.data.records import (Collector, DataError, LabelSpec, Record, natural_key,
                                      percentile_window, window_to_uint8)
+from fedfms_jax.data.volumes import read_volume
 
 SUFFIXES = (".nii.gz", ".nii")
 LABEL_NAMES = ("label", "mask", "seg")
@@ -135,68 +136,26 @@ def _read_cases(cases, *, collector: Collector, **options) -> list[Record]:
     return records
 
 
-def load_volume(path: Path, modality: int | None = None,
-                ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """f32[X,Y,Z] voxels in the closest RAS orientation (slope applied) and voxel size (mm).
-
-    4-D files with one volume are accepted; with several, `modality` picks one.
-    """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        if len(image.shape) > 4 and all(n == 1 for n in image.shape[4:]):
-            image = nib.funcs.squeeze_image(image)
-        image = nib.as_closest_canonical(image)
-        data = image.get_fdata(dtype=np.float32)  # applies scl_slope and scl_inter
-        zooms = tuple(round(float(z), 6) for z in image.header.get_zooms()[:3])
-    except DataError:
-        raise
-    except Exception as exc:  # nibabel, gzip and numpy each raise their own types
-        raise DataError(path, f"unreadable or corrupt NIfTI file ({type(exc).__name__}: {exc})")
-    if data.ndim == 4:
-        volumes = data.shape[3]
-        if volumes == 1 and modality in (None, 0):
-            data = data[..., 0]
-        elif modality is None:
-            raise DataError(path, f"4-D file with {volumes} volumes; pick one with modality=N")
-        elif not 0 <= modality < volumes:
-            raise DataError(path, f"modality={modality} but the file has {volumes} volumes")
-        else:
-            data = data[..., modality]
-    elif data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise DataError(path, f"NIfTI data has shape {data.shape}; expected a 3-D volume")
-    zooms = zooms + (1.0,) * (3 - len(zooms))
-    return data, zooms
-
-
 def read_case(case: str, image_path: Path, label_path: Path, *, spec: LabelSpec,
               seed: Any, slab: int, percentiles: tuple[float, float],
               window: tuple[float, float] | None, keep_empty: float,
               modality: int | None) -> list[Record]:
     """Slice records of one case; raises DataError naming the file at fault."""
-    image, zooms = load_volume(image_path, modality)
-    label, _ = load_volume(label_path, None)
-    if image.shape != label.shape:
-        raise DataError(label_path, f"label shape {label.shape} does not match image shape "
-                                    f"{image.shape} of {image_path} (after reorientation)")
-    classes = spec.apply_values(label, label_path)
-    low, high = window if window is not None else percentile_window(image, percentiles)
-
-    # [X,Y,Z] RAS -> [Z,H,W] axial slices with anterior at the top and the subject's right
-    # on the left of the image (the radiological view).
-    to_slices = lambda v: np.ascontiguousarray(np.transpose(v, (2, 1, 0))[:, ::-1, :])
-    volume = to_slices(window_to_uint8(image, low, high))
-    classes = to_slices(classes)
+    image = read_volume(image_path, modality)
+    label = read_volume(label_path, None)
+    if image.voxels.shape != label.voxels.shape:
+        raise DataError(label_path, f"label shape {label.stored_shape} does not match image "
+                                    f"shape {image.stored_shape} of {image_path}")
+    classes = spec.apply_values(label.voxels, label_path)
+    low, high = window if window is not None else percentile_window(image.voxels, percentiles)
+    volume = window_to_uint8(image.voxels, low, high)
 
     has_target = classes.reshape(len(classes), -1).any(axis=1)
     empty = np.flatnonzero(~has_target)
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
     kept_empty = rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
     keep = np.sort(np.concatenate([np.flatnonzero(has_target), kept_empty]))
-    spacing = (zooms[1], zooms[0])
+    spacing = image.spacing[1:]  # (row, col)
     return [Record(functools.partial(slab_image, volume, int(z), slab), classes[z], case,
                    int(z), spacing, str(image_path)) for z in keep]
 
