@@ -3,7 +3,9 @@
 Layouts (one folder per site under `root`, sites in natural-sort order):
   fedfms:    <site>/{data_npy,label_npy,val_data_npy,val_label_npy}/<stem>.npy
   folders:   <site>/{train,val}/{images,masks}/<stem>.{png,jpg,tif,...}  (or <site>/{images,masks})
-  nifti:     <site>/<case>/{image,label}.nii[.gz], or <site>/{imagesTr,labelsTr} (see nifti.py)
+  volumes:   <site>/<case>/{image,label}.<nii.gz|nii|nrrd|nhdr|mha|mhd> (image/ may be a DICOM
+             series folder), or <site>/{imagesTr,labelsTr} (see volume_sites.py); `nifti` is
+             its old name
   synthetic: the embedded data set (synthetic.py); no root.
 
 Every reader checks each pair when it loads (readable, mask present, shapes, label values),
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfms_jax.data import nifti
+from fedfms_jax.data import volume_sites
 from fedfms_jax.data.records import (DEFAULT_CASE_PATTERN, Collector, DataError, LabelSpec,
                                      Record, Site, case_and_slice, check_pair, natural_key,
                                      split_cases, to_uint8_image)
@@ -30,7 +32,8 @@ from fedfms_jax.data.synthetic import make_synthetic_sites
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("fedfms", "folders", "nifti", "synthetic")
+LAYOUTS = ("fedfms", "folders", "volumes", "nifti", "synthetic")
+VOLUME_LAYOUTS = ("volumes", "nifti")  # nifti: the name before other formats were read
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -41,14 +44,14 @@ def load_sites(layout: str, root: str | Path | None = None, *,
                **options: Any) -> dict[str, Site]:
     """Reads every site of a data set as {site name: Site}, in a deterministic order.
 
-    layout: 'fedfms' | 'folders' | 'nifti' | 'synthetic'.
+    layout: 'fedfms' | 'folders' | 'volumes' (alias 'nifti') | 'synthetic'.
     root: the folder holding one folder per site (None for 'synthetic').
     sites: only these sites, in this order (default: all, natural-sorted).
     skip_bad: leave bad inputs out (listed in `Site.skipped`) instead of raising DataError.
     num_classes, label_map, unmapped: how raw label values become classes (LabelSpec).
     val_fraction, seed: the seeded by-case validation split of sites that have none.
-    options: layout options -- fedfms/folders: case_pattern, percentiles; nifti: see
-      `nifti.read_site`; synthetic: see `make_synthetic_sites`.
+    options: layout options -- fedfms/folders: case_pattern, percentiles; volumes: see
+      `volume_sites.read_site`; synthetic: see `make_synthetic_sites`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
@@ -73,7 +76,7 @@ def load_sites(layout: str, root: str | Path | None = None, *,
     site_dirs = _select(site_dirs, sites, root)
     spec = LabelSpec.make(num_classes, label_map, unmapped)
     read_site = {"fedfms": read_fedfms_site, "folders": read_folders_site,
-                 "nifti": nifti.read_site}[layout]
+                 "volumes": volume_sites.read_site, "nifti": volume_sites.read_site}[layout]
 
     out = {}
     for name, site_dir in site_dirs.items():
@@ -89,7 +92,7 @@ def load_sites(layout: str, root: str | Path | None = None, *,
         if collector.skipped:
             log.warning("site %s: skipped %d bad inputs, e.g. %s", name, len(collector.skipped),
                         collector.skipped[0])
-        out[name] = Site(name, train, val, collector.skipped)
+        out[name] = Site(name, train, val, collector.skipped, collector.volumes)
     return out
 
 

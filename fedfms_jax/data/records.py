@@ -90,18 +90,43 @@ class Record:
                 f"spacing={self.spacing}, source={where!r})")
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeInfo:
+    """One case of a volume layout as it was read: formats, grid, and how its label fits.
+
+    spacing: the image's (z, row, col) voxel size in mm; shape: its slices (Z, H, W).
+    orientation, label_orientation: axis codes of the stored arrays ('RAS', 'LPS', ...).
+    geometry: what differs between the label's and the image's grids in world space
+      (None: they coincide); resampled: the label was resampled onto the image grid.
+    """
+
+    case: str
+    image: str
+    label: str
+    image_format: str
+    label_format: str
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    orientation: str
+    label_orientation: str
+    geometry: str | None = None
+    resampled: bool = False
+
+
 @dataclasses.dataclass
 class Site:
     """One client of the federation: its name and its train/val records.
 
     The test set of leave-one-site-out is the unseen site's `val` (the engine decides).
-    `skipped` lists the inputs left out with `skip_bad=True`.
+    `skipped` lists the inputs left out with `skip_bad=True`; `volumes` the cases of a
+    volume layout as read (skipped ones included).
     """
 
     name: str
     train: list[Record]
     val: list[Record]
     skipped: list[BadInput] = dataclasses.field(default_factory=list)
+    volumes: list[VolumeInfo] = dataclasses.field(default_factory=list)
 
     @property
     def num_train(self) -> int:
@@ -139,11 +164,13 @@ def fedavg_weights(sites: Mapping[str, Site],
 
 
 class Collector:
-    """Raises on a bad input, or with `skip_bad` records it and lets the reader go on."""
+    """Raises on a bad input, or with `skip_bad` records it and lets the reader go on; also
+    keeps what a volume reader learnt of each case (`volumes`)."""
 
     def __init__(self, skip_bad: bool):
         self.skip_bad = skip_bad
         self.skipped: list[BadInput] = []
+        self.volumes: list[VolumeInfo] = []
 
     def bad(self, error: DataError) -> None:
         if not self.skip_bad:

@@ -401,47 +401,45 @@ def _write_itk(stored: np.ndarray, like: Volume, path: Path) -> None:
 
 
 def grid_mismatch(image: Volume, label: Volume, tolerance: float = 0.1) -> str | None:
-    """What differs between the two volumes' voxel grids in world space, or None.
+    """What differs between the label's and the image's voxel grids in world space, stated
+    as 'label vs image', or None when they coincide.
 
     After both are in the canonical layout, every label voxel centre must lie within
     `tolerance` x the smallest image voxel size of the image's voxel centre of the same
     index. The difference of two affine maps is largest at a corner of the grid, so the
     8 corners decide for every voxel.
     """
-    if image.voxels.shape != label.voxels.shape:
-        return (f"label grid {_describe(label)} vs image grid {_describe(image)}: "
-                f"shape {label.voxels.shape} vs {image.voxels.shape} (Z,H,W)")
-    corners = np.array([[z, r, c, 1] for z in (0, image.voxels.shape[0] - 1)
-                        for r in (0, image.voxels.shape[1] - 1)
-                        for c in (0, image.voxels.shape[2] - 1)], float).T
-    distance = np.linalg.norm((label.slice_affine @ corners - image.slice_affine @ corners)[:3],
-                              axis=0).max()
     limit = tolerance * min(image.spacing)
-    if distance <= limit:
-        return None
     differences = []
+    if image.voxels.shape != label.voxels.shape:
+        differences.append(f"shape {label.voxels.shape} vs {image.voxels.shape} (Z,H,W)")
+    else:
+        corners = np.array([[z, r, c, 1] for z in (0, image.voxels.shape[0] - 1)
+                            for r in (0, image.voxels.shape[1] - 1)
+                            for c in (0, image.voxels.shape[2] - 1)], float).T
+        apart = (label.slice_affine @ corners - image.slice_affine @ corners)[:3]
+        distance = float(np.linalg.norm(apart, axis=0).max())
+        if distance <= limit:
+            return None
+        differences.append(f"voxel centres up to {distance:.3g} mm apart (tolerance "
+                           f"{limit:.3g} mm)")
     if not np.allclose(label.spacing, image.spacing, rtol=0, atol=limit):
-        differences.append(f"spacing {label.spacing} vs {image.spacing} mm (z,row,col)")
-    shift = label.slice_affine[:3, 3] - image.slice_affine[:3, 3]
-    if np.linalg.norm(shift) > limit:
-        differences.append(f"first voxel centre shifted by {_mm(shift)} mm (RAS)")
+        differences.append(f"spacing {_mm(label.spacing)} vs {_mm(image.spacing)} mm "
+                           "(z,row,col)")
+    first = label.slice_affine[:3, 3], image.slice_affine[:3, 3]
+    if np.linalg.norm(first[0] - first[1]) > limit:
+        differences.append(f"first voxel centre at {_mm(first[0])} vs {_mm(first[1])} mm RAS "
+                           f"(shifted by {_mm(first[0] - first[1])})")
     axes = lambda v: v.slice_affine[:3, :3] / np.array(v.spacing)
     if not np.allclose(axes(label), axes(image), rtol=0, atol=1e-3):
         differences.append("axis directions differ")
     if label.orientation != image.orientation:
         differences.append(f"stored orientation {label.orientation} vs {image.orientation}")
-    return (f"label grid {_describe(label)} vs image grid {_describe(image)}: voxel centres "
-            f"up to {distance:.3g} mm apart (tolerance {limit:.3g} mm); "
-            + "; ".join(differences))
+    return "; ".join(differences)
 
 
-def _mm(vector: np.ndarray) -> str:
+def _mm(vector) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in vector) + ")"
-
-
-def _describe(volume: Volume) -> str:
-    return (f"[{volume.orientation}, spacing {_mm(np.array(volume.spacing))}, "
-            f"origin {_mm(volume.slice_affine[:3, 3])}]")
 
 
 def resample_nearest(label: Volume, onto: Volume) -> np.ndarray:

@@ -111,8 +111,9 @@ def test_fixed_window_for_ct(tmp_path):
 def test_label_shape_mismatch_names_the_label(tmp_path):
     _case_dirs(tmp_path, cases=2)
     save_nifti(tmp_path / "site1" / "case1" / "label.nii.gz", np.zeros((12, 14, 7), np.uint8))
-    with pytest.raises(DataError, match=r"case1/label\.nii\.gz: label shape \(12, 14, 7\) does "
-                                        r"not match image shape \(12, 14, 8\)"):
+    with pytest.raises(DataError, match=r"case1/label\.nii\.gz: label grid does not match its "
+                                        r"image .*case1/image\.nii\.gz: shape \(7, 14, 12\) vs "
+                                        r"\(8, 14, 12\) \(Z,H,W\)"):
         load_sites("nifti", tmp_path, num_classes=2)
     sites = load_sites("nifti", tmp_path, num_classes=2, skip_bad=True)
     assert {r.case_id for r in _all(sites, "site1")} == {"case0"}
@@ -156,5 +157,6 @@ def test_msd_label_without_image_and_missing_labels_folder(tmp_path):
 def test_case_folder_without_image(tmp_path):
     _case_dirs(tmp_path, cases=2)
     (tmp_path / "site1" / "case0" / "image.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"site1/case0: case folder without image\.nii"):
+    with pytest.raises(DataError, match=r"site1/case0: case folder without an image: expected "
+                                        r"image\.nii\.gz"):
         load_sites("nifti", tmp_path, num_classes=2)
