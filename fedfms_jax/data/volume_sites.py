@@ -37,12 +37,14 @@ OTHER_SUFFIXES = f"or {', '.join(s for s in SUFFIXES if s != '.nii.gz')}"
 
 
 def _volume_entries(folder: Path, collector: Collector, dicom_dirs: bool = False,
-                    ) -> dict[str, Path]:
-    """{name without suffix: path} of the volume files in `folder` (and, with dicom_dirs,
-    its sub-folders, each a DICOM series). Hidden files (e.g. macOS '._' copies in MSD) and
-    the data files of .nhdr/.mhd headers are skipped; two volumes of one name are a bad input.
+                    ) -> tuple[dict[str, Path], set[str]]:
+    """({name without suffix: path}, names found twice) of the volume files in `folder`
+    (and, with dicom_dirs, its sub-folders, each a DICOM series). Hidden files (e.g. macOS '._' copies in MSD) and
+    the data files of .nhdr/.mhd headers are skipped; two volumes of one name are a bad
+    input (reported here), and neither is used.
     """
     found: dict[str, Path] = {}
+    twice: set[str] = set()
     for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if path.name.startswith("."):
             continue
@@ -53,9 +55,10 @@ def _volume_entries(folder: Path, collector: Collector, dicom_dirs: bool = False
         if base in found:
             collector.bad(DataError(path, f"two volumes named {base!r} in one folder (also "
                                           f"{found[base].name}); keep one"))
+            twice.add(base)
             continue
         found[base] = path
-    return found
+    return {base: path for base, path in found.items() if base not in twice}, twice
 
 
 def read_site(site_dir: Path, spec: LabelSpec, collector: Collector, *, seed: Any = 0,
@@ -101,7 +104,9 @@ def _case_dirs(folder: Path, collector: Collector) -> list[tuple[str, Path, Path
     for case_dir in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if not case_dir.is_dir() or case_dir.name.startswith("."):
             continue
-        files = _volume_entries(case_dir, collector, dicom_dirs=True)
+        files, twice = _volume_entries(case_dir, collector, dicom_dirs=True)
+        if twice & {"image", *LABEL_NAMES}:
+            continue  # two images or two labels: already reported
         if "image" not in files:
             collector.bad(DataError(case_dir, f"case folder without an image: expected "
                                               f"image.nii.gz ({OTHER_SUFFIXES}) or an image/ "
@@ -124,11 +129,11 @@ def _msd_cases(site_dir: Path, collector: Collector,
     if not label_dir.is_dir():
         raise DataError(label_dir, f"labelsTr folder missing beside {site_dir / 'imagesTr'}")
     images: dict[str, dict[int, Path]] = {}
-    for base, path in _volume_entries(site_dir / "imagesTr", collector).items():
+    for base, path in _volume_entries(site_dir / "imagesTr", collector)[0].items():
         match = re.fullmatch(r"(.+)_(\d{4})", base)
         case, channel = (match[1], int(match[2])) if match else (base, -1)
         images.setdefault(case, {})[channel] = path
-    labels = _volume_entries(label_dir, collector)
+    labels, twice = _volume_entries(label_dir, collector)
     cases = []
     for case, channels in images.items():
         if -1 in channels:
@@ -138,6 +143,8 @@ def _msd_cases(site_dir: Path, collector: Collector,
         else:
             collector.bad(DataError(next(iter(channels.values())),
                                     f"no channel _{modality or 0:04d} for case {case!r}"))
+            continue
+        if case in twice:
             continue
         if case not in labels:
             collector.bad(DataError(image, "no label for this image (expected "

@@ -444,9 +444,10 @@ def _mm(vector) -> str:
 
 def resample_nearest(label: Volume, onto: Volume) -> np.ndarray:
     """f32[Z,H,W] label values of `label` at the voxel centres of `onto` (nearest
-    neighbour, 0 outside the label's grid)."""
+    neighbour, 0 outside the label's grid). A voxel covers +-half a voxel around its centre,
+    as in ITK ('grid-constant'; scipy's 'constant' would drop the outer half voxels)."""
     from scipy import ndimage
 
     matrix = np.linalg.inv(label.slice_affine) @ onto.slice_affine
     return ndimage.affine_transform(label.voxels, matrix, output_shape=onto.voxels.shape,
-                                    order=0, mode="constant", cval=0.0)
+                                    order=0, mode="grid-constant", cval=0.0)

@@ -1,0 +1,207 @@
+"""The volumes layout on real MRI (Colin27 T1 with its AAL atlas) stored in every format,
+and the geometry checks between a label and its image."""
+
+import numpy as np
+import pytest
+
+from fedfms_jax.data import DataError, load_sites, volumes
+from tests import real_volumes
+from tests.data.conftest import write_dicom_series
+
+sitk = pytest.importorskip("SimpleITK")
+
+# The thalami (AAL 77, 78) as one class: present in every slice of the crops below.
+LABELS = dict(label_map={77: 1, 78: 1}, unmapped="background")
+FORMATS = ("nii.gz", "nii", "nrrd", "nhdr", "mha", "mhd", "dicom")
+
+
+def crop(path, z0: int, depth: int = 6):
+    """64 x 64 x depth voxels of a 1 mm MNI-space volume around the thalamus."""
+    return sitk.ReadImage(str(real_volumes.require(path)))[58:122, 60:124, z0:z0 + depth]
+
+
+def write_case(case_dir, image, label, fmt: str, label_fmt: str | None = None):
+    """image.<fmt> and label.<label_fmt or fmt>; 'dicom' stores the image as a DICOM series
+    running head to feet (the opposite slice order of the NIfTI), its files named from the
+    last slice, with a NIfTI label stored feet to head."""
+    case_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "dicom":
+        # Flip keeps every voxel where it is in world space and reverses the stored order.
+        write_dicom_series(sitk.Flip(image, [False, True, True]), case_dir / "image",
+                           reverse_names=True)
+        label_fmt = label_fmt or "nii.gz"
+    else:
+        sitk.WriteImage(image, str(case_dir / f"image.{fmt}"))
+    sitk.WriteImage(label, str(case_dir / f"label.{label_fmt or fmt}"))
+
+
+@pytest.fixture(scope="module")
+def colin_crops():
+    return [(crop(real_volumes.COLIN27_T1, z), crop(real_volumes.AAL_ATLAS, z)) for z in (80, 86)]
+
+
+def make_format_sites(root, colin_crops, formats=FORMATS):
+    """One site per format, each with train/case0 and val/case1."""
+    for fmt in formats:
+        site = fmt.replace(".", "_")
+        for split, case, (image, label) in (("train", "case0", colin_crops[0]),
+                                             ("val", "case1", colin_crops[1])):
+            write_case(root / site / split / case, image, label, fmt)
+    return root
+
+
+def records_of(site):
+    return [(split, r.case_id, r.slice_index, r.spacing, r.image, r.mask)
+            for split, records in (("train", site.train), ("val", site.val)) for r in records]
+
+
+def assert_same_records(a, b, where):
+    assert len(a) == len(b) > 0, where
+    for x, y in zip(a, b):
+        assert x[:4] == y[:4], where
+        np.testing.assert_array_equal(x[4], y[4], err_msg=where)
+        np.testing.assert_array_equal(x[5], y[5], err_msg=where)
+
+
+def test_every_format_gives_identical_slice_records(tmp_path, colin_crops):
+    make_format_sites(tmp_path, colin_crops)
+    sites = load_sites("volumes", tmp_path, keep_empty=1.0, **LABELS)
+    assert list(sites) == ["dicom", "mha", "mhd", "nhdr", "nii", "nii_gz", "nrrd"]
+    reference = records_of(sites["nii_gz"])
+    assert len(reference) == 12 and reference[0][3] == (1.0, 1.0)
+    assert all(r[5].any() for r in reference)  # the thalamus in every slice
+    for name, site in sites.items():
+        assert_same_records(records_of(site), reference, name)
+        assert [v.geometry for v in site.volumes] == [None, None]
+    dicom = sites["dicom"].volumes[0]
+    assert (dicom.image_format, dicom.label_format) == ("dicom", "nifti")
+    assert dicom.orientation != dicom.label_orientation  # stored in opposite slice orders
+    assert sites["mhd"].volumes[0].image_format == "metaimage"
+    # The old layout name reads the same.
+    assert_same_records(records_of(load_sites("nifti", tmp_path, sites=["dicom"], keep_empty=1.0,
+                                              **LABELS)["dicom"]), reference, "nifti alias")
+
+
+def test_nnunet_folders_in_any_format(tmp_path, colin_crops):
+    (image, label), _ = colin_crops
+    for fmt in ("nii.gz", "nrrd"):
+        (tmp_path / fmt / "imagesTr").mkdir(parents=True)
+        (tmp_path / fmt / "labelsTr").mkdir(parents=True)
+        sitk.WriteImage(image, str(tmp_path / fmt / "imagesTr" / f"colin_0000.{fmt}"))
+        label_fmt = "mha" if fmt == "nrrd" else fmt
+        sitk.WriteImage(label, str(tmp_path / fmt / "labelsTr" / f"colin.{label_fmt}"))
+    (tmp_path / "nrrd" / "imagesTr" / "colin_0000.raw").write_bytes(b"stray data file")
+    sites = load_sites("volumes", tmp_path, keep_empty=1.0, val_fraction=0, **LABELS)
+    assert_same_records(records_of(sites["nrrd"]), records_of(sites["nii.gz"]), "nnU-Net")
+    assert sites["nrrd"].volumes[0].label_format == "metaimage"
+
+
+def _with_geometry(label, origin=None, direction=None):
+    moved = sitk.Image(label)
+    if origin is not None:
+        moved.SetOrigin(origin)
+    if direction is not None:
+        moved.SetDirection(direction)
+    return moved
+
+
+def test_flipped_or_shifted_label_stops_naming_both_files(tmp_path, colin_crops):
+    (image, label), _ = colin_crops
+    x, y, z = label.GetOrigin()
+    d = np.array(label.GetDirection())
+    flipped = _with_geometry(label, direction=(d * [-1, 1, 1, 1, 1, 1, 1, 1, 1]).tolist())
+    write_case(tmp_path / "s" / "flipped", image, flipped, "nrrd")
+    write_case(tmp_path / "s" / "shifted", image, _with_geometry(label, (x, y + 2.0, z)), "mha")
+    write_case(tmp_path / "s" / "good", image, label, "nii.gz")
+    with pytest.raises(DataError, match=r"flipped/label\.nrrd: label grid does not match its "
+                                        r"image .*flipped/image\.nrrd: voxel centres up to 63 mm "
+                                        r"apart \(tolerance 0\.1 mm\); first voxel centre at "
+                                        r"\(-95, .*shifted by \(-63, 0, 0\)\).*stored orientation "
+                                        r"LAS vs RAS \(label vs image\)\. .*resample_label=True"):
+        load_sites("volumes", tmp_path, **LABELS)
+    sites = load_sites("volumes", tmp_path, skip_bad=True, val_fraction=0, **LABELS)
+    assert {r.case_id for r in sites["s"].train} == {"good"}
+    problems = {v.case: v.geometry for v in sites["s"].volumes}
+    assert problems["good"] is None
+    assert "shifted by (0, -2, 0)" in problems["shifted"]  # LPS +2 mm = 2 mm posterior
+    assert [b.path.split("/")[-2:] for b in sites["s"].skipped] == [["flipped", "label.nrrd"],
+                                                                   ["shifted", "label.mha"]]
+
+
+def test_resample_label_puts_a_shifted_label_on_the_image_grid(tmp_path, colin_crops):
+    (image, label), _ = colin_crops
+    x, y, z = label.GetOrigin()
+    write_case(tmp_path / "s" / "shifted", image, _with_geometry(label, (x, y + 2.0, z)), "mha")
+    write_case(tmp_path / "ref" / "shifted", image, label, "mha")
+    sites = load_sites("volumes", tmp_path, resample_label=True, keep_empty=1.0,
+                       val_fraction=0, **LABELS)
+    shifted, reference = sites["s"].train, sites["ref"].train
+    assert sites["s"].volumes[0].resampled and not sites["ref"].volumes[0].resampled
+    for a, b in zip(shifted, reference):
+        np.testing.assert_array_equal(a.image, b.image)
+        # Rows run anterior to posterior: the label moved 2 rows down, zeros come in on top.
+        np.testing.assert_array_equal(a.mask[2:], b.mask[:-2])
+        assert not a.mask[:2].any()
+
+
+def test_resample_label_from_a_coarser_grid_agrees_with_simpleitk(tmp_path, colin_crops):
+    (image, label), _ = colin_crops
+    # 2 mm voxels, offset by 0.3 mm so no image voxel centre falls halfway between two.
+    coarse = sitk.Resample(label, [32, 32, 4], sitk.Transform(), sitk.sitkNearestNeighbor,
+                           np.add(label.GetOrigin(), 0.3).tolist(), [2.0, 2.0, 2.0],
+                           label.GetDirection(), 0, label.GetPixelID())
+    write_case(tmp_path / "s" / "coarse", image, coarse, "nrrd")
+    with pytest.raises(DataError, match=r"coarse/label\.nrrd: label grid does not match its "
+                                        r"image .*: shape \(4, 32, 32\) vs \(6, 64, 64\) "
+                                        r"\(Z,H,W\); spacing \(2, 2, 2\) vs \(1, 1, 1\) mm"):
+        load_sites("volumes", tmp_path, **LABELS)
+    records = load_sites("volumes", tmp_path, resample_label=True, keep_empty=1.0,
+                         val_fraction=0, **LABELS)["s"].train
+    expected_image = sitk.Resample(coarse, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(expected_image, str(tmp_path / "expected.nrrd"))
+    expected = volumes.read_volume(tmp_path / "expected.nrrd").voxels
+    expected = np.isin(expected, (77, 78))
+    masks = np.zeros_like(expected)
+    for record in records:
+        masks[record.slice_index] = record.mask
+    np.testing.assert_array_equal(masks, expected)
+    assert masks.any()
+
+
+def test_bad_files_in_the_layout_name_the_file(tmp_path, colin_crops):
+    root, tmp_path = tmp_path / "root", tmp_path
+    (image, label), (image2, _) = colin_crops
+    write_case(root / "s" / "good", image, label, "nrrd")
+    # A truncated label.
+    write_case(root / "s" / "truncated", image, label, "mha")
+    data = (root / "s" / "truncated" / "label.mha").read_bytes()
+    (root / "s" / "truncated" / "label.mha").write_bytes(data[: len(data) // 2])
+    # Two series in the image folder.
+    write_case(root / "s" / "two_series", image, label, "dicom")
+    other = write_dicom_series(image2, tmp_path / "other", series_uid="1.2.826.0.1.9")
+    for path in other.glob("*.dcm"):
+        path.rename(root / "s" / "two_series" / "image" / f"x_{path.name}")
+    # A 4-D image (two volumes) and no modality.
+    (root / "s" / "four_d").mkdir()
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(root / "s" / "four_d" / "image.nrrd"))
+    sitk.WriteImage(label, str(root / "s" / "four_d" / "label.nrrd"))
+    # Two images in one case.
+    write_case(root / "s" / "twice", image, label, "nrrd")
+    sitk.WriteImage(image, str(root / "s" / "twice" / "image.mha"))
+    # A .mhd header whose data file is gone.
+    write_case(root / "s" / "no_raw", image, label, "mhd")
+    for raw in (root / "s" / "no_raw").glob("image.*raw"):
+        raw.unlink()
+
+    with pytest.raises(DataError, match=r"twice/image\.nrrd: two volumes named 'image'"):
+        load_sites("volumes", root, **LABELS)
+    sites = load_sites("volumes", root, skip_bad=True, val_fraction=0, **LABELS)
+    assert {r.case_id for r in sites["s"].train} == {"good"}
+    problems = {b.path.split("/s/")[1]: b.problem for b in sites["s"].skipped}
+    assert problems["four_d/image.nrrd"].startswith("4-D file with 2 volumes")
+    assert problems["no_raw/image.mhd"].startswith("unreadable or corrupt MetaImage file")
+    assert problems["truncated/label.mha"].startswith("unreadable or corrupt MetaImage file")
+    assert problems["two_series/image"].startswith("2 DICOM series in one folder")
+    assert problems["twice/image.nrrd"].startswith("two volumes named 'image' in one folder "
+                                                   "(also image.mha)")
+    assert len(problems) == 5
