@@ -1,18 +1,20 @@
 """Command line of the data layer.
 
   python -m fedfms_jax.data synth --out DIR [--sites N] [--per-site N] [--size S]
-  python -m fedfms_jax.data inspect --layout {fedfms,folders,nifti,synthetic} [--root DIR]
+  python -m fedfms_jax.data inspect --layout {fedfms,folders,volumes,synthetic} [--root DIR]
       [--json] [--skip-bad]
   python -m fedfms_jax.data bench --layout synthetic [--image-size 1024] [--batch-size 4]
 
-Bad input ends with a message naming the file and a non-zero exit; with --json the last line
-printed is one JSON object (the summary, or {"error": ...}).
+Bad input ends with a message naming the file and a non-zero exit; inspect then still lists
+every bad input it finds (in the volumes layout: every case whose label grid is off). With
+--json the last line printed is one JSON object (the summary, or {"error": ..., "bad": [...]}).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import sys
 import time
@@ -128,15 +130,34 @@ def _inspect(args) -> int:
     options = _key_values(args.option, "--option")
     if args.layout == "synthetic":
         options = {**_synthetic_options(args), **options}
-    sites = load_sites(args.layout, args.root, sites=args.sites.split(",") if args.sites else None,
-                       skip_bad=args.skip_bad, num_classes=args.num_classes,
-                       label_map=_label_map(args.label_map), unmapped=args.unmapped,
-                       val_fraction=args.val_fraction, seed=args.seed, **options)
+    load = functools.partial(
+        load_sites, args.layout, args.root, sites=args.sites.split(",") if args.sites else None,
+        num_classes=args.num_classes, label_map=_label_map(args.label_map),
+        unmapped=args.unmapped, val_fraction=args.val_fraction, seed=args.seed, **options)
+    try:
+        sites, first_error = load(skip_bad=args.skip_bad), None
+    except DataError as error:
+        if args.skip_bad:
+            raise
+        # Training would stop here; read on past bad inputs to list every one of them.
+        try:
+            sites, first_error = load(skip_bad=True), error
+        except DataError:
+            raise error from None
     summary = {"layout": args.layout, "root": args.root, "num_classes": args.num_classes,
                **summarise_sites(sites, args.sample or None)}
     print(format_summary(summary))
-    if summary["totals"]["skipped"]:
-        print(f"skipped {summary['totals']['skipped']} bad inputs (--skip-bad)")
+    bad = summary["totals"]["skipped"]
+    if first_error is not None:
+        print(f"error: {first_error}", file=sys.stderr)
+        print(f"{bad} bad inputs, listed above; training stops at the first (data.skip_bad=True "
+              "or --skip-bad leaves them out)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(first_error), "path": first_error.path,
+                              "problem": first_error.problem, "bad": summary["skipped"]}))
+        return 1
+    if bad:
+        print(f"skipped {bad} bad inputs (--skip-bad)")
     if args.json:
         print(json.dumps(summary, sort_keys=False))
     return 0

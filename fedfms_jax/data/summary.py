@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from fedfms_jax.data.records import Record, Site
+from fedfms_jax.data.records import Record, Site, VolumeInfo
 
 
 def _sample(records: Sequence[Record], limit: int | None) -> Sequence[Record]:
@@ -46,6 +47,31 @@ def summarise_split(records: Sequence[Record], limit: int | None = None) -> dict
     }
 
 
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items(), key=lambda item: (-item[1], item[0])))
+
+
+def summarise_volumes(volumes: Sequence[VolumeInfo]) -> dict:
+    """Formats, spacing ranges (mm) and stored orientations of a site's cases, and every
+    case whose label does not lie on its image's grid."""
+    spacing = np.array([v.spacing for v in volumes], float).reshape(-1, 3)
+    return {
+        "cases": len(volumes),
+        "image_formats": _counts(v.image_format for v in volumes),
+        "label_formats": _counts(v.label_format for v in volumes),
+        "spacing_mm": {axis: [float(spacing[:, i].min()), float(spacing[:, i].max())]
+                       for i, axis in enumerate(("z", "row", "col"))} if len(volumes) else {},
+        "orientations": _counts(v.orientation for v in volumes),
+        "label_orientations": _counts(v.label_orientation for v in volumes),
+        "geometry_off": [{"case": v.case, "image": v.image, "label": v.label,
+                          "problem": v.geometry, "resampled": v.resampled}
+                         for v in volumes if v.geometry is not None],
+    }
+
+
 def summarise_sites(sites: Mapping[str, Site], limit: int | None = None) -> dict:
     """{'sites': {name: {'train': n, 'val': n, ...}}, 'totals': ..., 'skipped': [...]}."""
     out: dict = {"sites": {}, "skipped": []}
@@ -55,6 +81,8 @@ def summarise_sites(sites: Mapping[str, Site], limit: int | None = None) -> dict
             "train": train["count"], "val": val["count"], "skipped": len(site.skipped),
             "details": {"train": train, "val": val},
         }
+        if site.volumes:
+            out["sites"][name]["volumes"] = summarise_volumes(site.volumes)
         out["skipped"] += [{"site": name, "path": b.path, "problem": b.problem}
                            for b in site.skipped]
     out["totals"] = {key: sum(s[key] for s in out["sites"].values())
@@ -78,9 +106,26 @@ def format_summary(summary: dict) -> str:
             f" | foreground {100 * train['foreground_fraction']:.2f}% train, "
             f"{100 * val['foreground_fraction']:.2f}% val"
             f" | empty {100 * train['empty_fraction']:.0f}% train")
+        if "volumes" in site:
+            lines.extend(_format_volumes(site["volumes"]))
     totals = summary["totals"]
     lines.append(f"total: train {totals['train']}, val {totals['val']}, "
                  f"skipped {totals['skipped']}")
     for bad in summary["skipped"]:
         lines.append(f"  skipped [{bad['site']}] {bad['path']}: {bad['problem']}")
     return "\n".join(lines)
+
+
+def _format_volumes(volumes: dict) -> list[str]:
+    counts = lambda c: ", ".join(f"{k} {n}" for k, n in c.items()) or "-"
+    ranges = ", ".join(f"{axis} {low:g}" + (f"-{high:g}" if high != low else "")
+                       for axis, (low, high) in volumes["spacing_mm"].items())
+    lines = [f"    volumes: {volumes['cases']} cases | image {counts(volumes['image_formats'])}"
+             f" | label {counts(volumes['label_formats'])} | spacing {ranges or '-'} mm"
+             f" | orientation {counts(volumes['orientations'])}"
+             f" (labels {counts(volumes['label_orientations'])})"]
+    for off in volumes["geometry_off"]:
+        what = "resampled onto the image grid" if off["resampled"] else "not used"
+        lines.append(f"    geometry off: {off['case']} ({what}), {Path(off['label']).name} vs "
+                     f"{Path(off['image']).name}: {off['problem']}")
+    return lines

@@ -205,3 +205,45 @@ def test_bad_files_in_the_layout_name_the_file(tmp_path, colin_crops):
     assert problems["twice/image.nrrd"].startswith("two volumes named 'image' in one folder "
                                                    "(also image.mha)")
     assert len(problems) == 5
+
+
+def test_inspect_shows_formats_spacing_orientations_and_every_case_off_grid(
+        tmp_path, colin_crops, capsys):
+    import json
+
+    from fedfms_jax.data.__main__ import main
+
+    (image, label), (image2, label2) = colin_crops
+    write_case(tmp_path / "a" / "dicom_case", image, label, "dicom")
+    write_case(tmp_path / "a" / "nrrd_case", image2, label2, "nrrd")
+    x, y, z = label.GetOrigin()
+    write_case(tmp_path / "b" / "shifted", image, _with_geometry(label, (x, y + 2.0, z)), "mha")
+    x2, y2, z2 = label2.GetOrigin()
+    write_case(tmp_path / "b" / "moved", image2, _with_geometry(label2, (x2 + 3.0, y2, z2)),
+               "mha")
+    write_case(tmp_path / "b" / "fine", image, label, "nii.gz")
+    argv = ["inspect", "--layout", "volumes", "--root", str(tmp_path), "--label-map", "77:1,78:1",
+            "--unmapped", "background", "--json"]
+
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "b/moved/label.mha: label grid does not match its image" in err
+    assert "2 bad inputs, listed above; training stops at the first" in err
+    assert ("    volumes: 2 cases | image dicom 1, nrrd 1 | label nifti 1, nrrd 1 | spacing z 1, "
+            "row 1, col 1 mm | orientation RAS 1, RPI 1 (labels RAS 2)") in out
+    assert ("geometry off: moved (not used), label.mha vs image.mha: voxel centres up to 3 mm "
+            "apart (tolerance 0.1 mm); first voxel centre at (-35, -2, 15) vs (-32, -2, 15) mm "
+            "RAS (shifted by (-3, 0, 0))\n") in out
+    assert "geometry off: shifted (not used), label.mha vs image.mha" in out
+    assert "shifted by (0, -2, 0)" in out
+    bad = json.loads(out.strip().splitlines()[-1])["bad"]
+    assert sorted(b["path"].split("/")[-2] for b in bad) == ["moved", "shifted"]
+
+    assert main(argv + ["--option", "resample_label=True"]) == 0
+    out, _ = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    off = summary["sites"]["b"]["volumes"]["geometry_off"]
+    assert [(o["case"], o["resampled"]) for o in off] == [("moved", True), ("shifted", True)]
+    assert summary["sites"]["a"]["volumes"]["spacing_mm"] == {"z": [1.0, 1.0], "row": [1.0, 1.0],
+                                                              "col": [1.0, 1.0]}
+    assert "geometry off: shifted (resampled onto the image grid), label.mha vs image.mha" in out
