@@ -73,6 +73,46 @@ def save_nifti(path: Path, data: np.ndarray, affine=None, slope: float | None = 
     return path
 
 
+VOLUME_FORMATS = ("nii.gz", "nii", "nrrd", "nhdr", "mha", "mhd", "dicom")
+
+
+def colin_crop(path, z0: int, depth: int = 6):
+    """64 x 64 x depth voxels of a 1 mm MNI-space volume around the thalamus."""
+    import SimpleITK as sitk
+
+    from tests import real_volumes
+
+    return sitk.ReadImage(str(real_volumes.require(path)))[58:122, 60:124, z0:z0 + depth]
+
+
+def write_case(case_dir, image, label, fmt: str, label_fmt: str | None = None):
+    """image.<fmt> and label.<label_fmt or fmt>; 'dicom' stores the image as a DICOM series
+    running head to feet (the opposite slice order of the NIfTI), its files named from the
+    last slice, with a NIfTI label stored feet to head."""
+    import SimpleITK as sitk
+
+    case_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "dicom":
+        # Flip keeps every voxel where it is in world space and reverses the stored order.
+        write_dicom_series(sitk.Flip(image, [False, True, True]), case_dir / "image",
+                           reverse_names=True)
+        label_fmt = label_fmt or "nii.gz"
+    else:
+        sitk.WriteImage(image, str(case_dir / f"image.{fmt}"))
+    sitk.WriteImage(label, str(case_dir / f"label.{label_fmt or fmt}"))
+
+
+def make_format_sites(root, crops, formats=VOLUME_FORMATS):
+    """One site per format (named after it), each with train/case0 = crops[0] and
+    val/case1 = crops[1], crops being (image, label) SimpleITK pairs."""
+    for fmt in formats:
+        site = fmt.replace(".", "_")
+        for split, case, (image, label) in (("train", "case0", crops[0]),
+                                             ("val", "case1", crops[1])):
+            write_case(root / site / split / case, image, label, fmt)
+    return root
+
+
 @pytest.fixture
 def folders_root(tmp_path) -> Path:
     make_folders_site(tmp_path, "site1", train=4, val=2)

@@ -6,48 +6,19 @@ import pytest
 
 from fedfms_jax.data import DataError, load_sites, volumes
 from tests import real_volumes
-from tests.data.conftest import write_dicom_series
+from tests.data.conftest import (colin_crop, make_format_sites, write_case,
+                                 write_dicom_series)
 
 sitk = pytest.importorskip("SimpleITK")
 
-# The thalami (AAL 77, 78) as one class: present in every slice of the crops below.
+# The thalami (AAL 77, 78) as one class: present in every slice of the crops.
 LABELS = dict(label_map={77: 1, 78: 1}, unmapped="background")
-FORMATS = ("nii.gz", "nii", "nrrd", "nhdr", "mha", "mhd", "dicom")
-
-
-def crop(path, z0: int, depth: int = 6):
-    """64 x 64 x depth voxels of a 1 mm MNI-space volume around the thalamus."""
-    return sitk.ReadImage(str(real_volumes.require(path)))[58:122, 60:124, z0:z0 + depth]
-
-
-def write_case(case_dir, image, label, fmt: str, label_fmt: str | None = None):
-    """image.<fmt> and label.<label_fmt or fmt>; 'dicom' stores the image as a DICOM series
-    running head to feet (the opposite slice order of the NIfTI), its files named from the
-    last slice, with a NIfTI label stored feet to head."""
-    case_dir.mkdir(parents=True, exist_ok=True)
-    if fmt == "dicom":
-        # Flip keeps every voxel where it is in world space and reverses the stored order.
-        write_dicom_series(sitk.Flip(image, [False, True, True]), case_dir / "image",
-                           reverse_names=True)
-        label_fmt = label_fmt or "nii.gz"
-    else:
-        sitk.WriteImage(image, str(case_dir / f"image.{fmt}"))
-    sitk.WriteImage(label, str(case_dir / f"label.{label_fmt or fmt}"))
 
 
 @pytest.fixture(scope="module")
 def colin_crops():
-    return [(crop(real_volumes.COLIN27_T1, z), crop(real_volumes.AAL_ATLAS, z)) for z in (80, 86)]
-
-
-def make_format_sites(root, colin_crops, formats=FORMATS):
-    """One site per format, each with train/case0 and val/case1."""
-    for fmt in formats:
-        site = fmt.replace(".", "_")
-        for split, case, (image, label) in (("train", "case0", colin_crops[0]),
-                                             ("val", "case1", colin_crops[1])):
-            write_case(root / site / split / case, image, label, fmt)
-    return root
+    return [(colin_crop(real_volumes.COLIN27_T1, z), colin_crop(real_volumes.AAL_ATLAS, z))
+            for z in (80, 86)]
 
 
 def records_of(site):
