@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.lora_alpha = 4.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.layout = "fedfms"   # fedfms | folders | nifti | synthetic
+    c.data.layout = "fedfms"   # fedfms | folders | volumes (alias nifti) | synthetic
     c.data.root = ""           # <root>/<site>/...; not used by the synthetic layout
     c.data.sites = ""          # comma-separated subset, in order; empty: all
     c.data.unseen_site = ""    # held out of training, tested only (leave-one-site-out)
@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.label_map = ""      # e.g. "1:1,2:1" to merge labels 1 and 2 into class 1
     c.data.val_fraction = 0.2  # seeded by-case validation split for sites that have none
     c.data.num_threads = 2
-    c.data.options = ml_collections.ConfigDict()  # layout options (e.g. synthetic sizes)
+    # Layout options, each layout its own (e.g. synthetic sizes; volumes: keep_empty, window,
+    # modality, resample_label, geometry_tolerance): set them in a config file.
+    c.data.options = ml_collections.ConfigDict()
 
     c.train = ml_collections.ConfigDict()
     c.train.learning_rate = 1e-4

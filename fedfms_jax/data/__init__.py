@@ -1,7 +1,7 @@
 """Data layer: sites of 2-D segmentation records, read from disk or generated, and grain
 pipelines that turn them into SAM batches.
 
-    sites = load_sites("synthetic")                      # or "fedfms" | "folders" | "nifti", root
+    sites = load_sites("synthetic")                      # or "fedfms" | "folders" | "volumes", root
     pipeline = make_pipeline(sites["site1"].train, image_size=1024, batch_size=4, seed=0)
     for batch in pipeline: ...                           # batch["image"]: f32[B,1024,1024,3]
 """
@@ -16,7 +16,9 @@ _EXPORTS = {
     "box_from_mask": "prompts", "points_from_mask": "prompts",
     "component_prompts": "prompts",
     "LAYOUTS": "readers", "load_sites": "readers",
+    "Volume": "volumes", "read_volume": "volumes", "write_label_volume": "volumes",
     "BadInput": "records", "DataError": "records", "Record": "records", "Site": "records",
+    "VolumeInfo": "records",
     "fedavg_weights": "records", "steps_per_epoch": "records",
     "summarise_sites": "summary",
     "make_synthetic_sites": "synthetic", "write_sites": "synthetic",
