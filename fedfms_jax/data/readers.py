@@ -4,7 +4,7 @@ Layouts (one folder per site under `root`, sites in natural-sort order):
   fedfms:    <site>/{data_npy,label_npy,val_data_npy,val_label_npy}/<stem>.npy
   folders:   <site>/{train,val}/{images,masks}/<stem>.{png,jpg,tif,...}  (or <site>/{images,masks})
   volumes:   <site>/<case>/{image,label}.<nii.gz|nii|nrrd|nhdr|mha|mhd> (image/ may be a DICOM
-             series folder), or <site>/{imagesTr,labelsTr} (see volume_sites.py); `nifti` is
+             series folder), or <site>/{imagesTr,labelsTr} (see nifti.py); `nifti` is
              its old name
   synthetic: the embedded data set (synthetic.py); no root.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfms_jax.data import volume_sites
+from fedfms_jax.data import nifti
 from fedfms_jax.data.records import (DEFAULT_CASE_PATTERN, Collector, DataError, LabelSpec,
                                      Record, Site, case_and_slice, check_pair, natural_key,
                                      split_cases, to_uint8_image)
@@ -33,7 +33,6 @@ from fedfms_jax.data.synthetic import make_synthetic_sites
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("fedfms", "folders", "volumes", "nifti", "synthetic")
-VOLUME_LAYOUTS = ("volumes", "nifti")  # nifti: the name before other formats were read
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -51,7 +50,7 @@ def load_sites(layout: str, root: str | Path | None = None, *,
     num_classes, label_map, unmapped: how raw label values become classes (LabelSpec).
     val_fraction, seed: the seeded by-case validation split of sites that have none.
     options: layout options -- fedfms/folders: case_pattern, percentiles; volumes: see
-      `volume_sites.read_site`; synthetic: see `make_synthetic_sites`.
+      `nifti.read_site`; synthetic: see `make_synthetic_sites`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
@@ -76,7 +75,7 @@ def load_sites(layout: str, root: str | Path | None = None, *,
     site_dirs = _select(site_dirs, sites, root)
     spec = LabelSpec.make(num_classes, label_map, unmapped)
     read_site = {"fedfms": read_fedfms_site, "folders": read_folders_site,
-                 "volumes": volume_sites.read_site, "nifti": volume_sites.read_site}[layout]
+                 "volumes": nifti.read_site, "nifti": nifti.read_site}[layout]
 
     out = {}
     for name, site_dir in site_dirs.items():

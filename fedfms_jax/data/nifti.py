@@ -1,5 +1,6 @@
 """Sites of 3-D scans (NIfTI, NRRD, MetaImage, DICOM) cut into 2.5-D slices, the way FedFMS
-prepares FeTS and prostate MRI: the `volumes` layout (`nifti` is its old name).
+prepares FeTS and prostate MRI: the `volumes` layout. The module and the layout's alias keep
+the name `nifti` from when NIfTI was the only format read.
 
 A site holds cases in one of two conventions:
   <site>/<case>/image.<ext> (or image/, a folder holding one DICOM series) with
