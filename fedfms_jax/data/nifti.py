@@ -30,8 +30,8 @@ import numpy as np
 
 from fedfms_jax.data.records import (Collector, DataError, LabelSpec, Record, VolumeInfo,
                                      natural_key, percentile_window, window_to_uint8)
-from fedfms_jax.data.volumes import (SUFFIXES, grid_mismatch, read_volume, resample_nearest,
-                                     strip_volume_suffix)
+from fedfms_jax.data.volumes import (SUFFIXES, grid_mismatch, label_on_image_grid, read_volume,
+                                     resample_nearest, strip_volume_suffix)
 
 LABEL_NAMES = ("label", "mask", "seg")
 OTHER_SUFFIXES = f"or {', '.join(s for s in SUFFIXES if s != '.nii.gz')}"
@@ -40,9 +40,9 @@ OTHER_SUFFIXES = f"or {', '.join(s for s in SUFFIXES if s != '.nii.gz')}"
 def _volume_entries(folder: Path, collector: Collector, dicom_dirs: bool = False,
                     ) -> tuple[dict[str, Path], set[str]]:
     """({name without suffix: path}, names found twice) of the volume files in `folder`
-    (and, with dicom_dirs, its sub-folders, each a DICOM series). Hidden files (e.g. macOS '._' copies in MSD) and
-    the data files of .nhdr/.mhd headers are skipped; two volumes of one name are a bad
-    input (reported here), and neither is used.
+    (and, with dicom_dirs, its sub-folders, each a DICOM series). Hidden files (e.g. macOS
+    '._' copies in MSD) and the data files of .nhdr/.mhd headers are skipped; two volumes of
+    one name are a bad input (reported here), and neither is used.
     """
     found: dict[str, Path] = {}
     twice: set[str] = set()
@@ -182,18 +182,21 @@ def read_case(case: str, image_path: Path, label_path: Path, *, spec: LabelSpec,
     """
     image = read_volume(image_path, modality)
     label = read_volume(label_path, None)
-    problem = grid_mismatch(image, label, geometry_tolerance)
+    label_values = label_on_image_grid(image, label, geometry_tolerance)
+    problem = None if label_values is not None else grid_mismatch(image, label,
+                                                                   geometry_tolerance)
     if collector is not None:
         collector.volumes.append(VolumeInfo(
             case, str(image_path), str(label_path), image.format, label.format, image.spacing,
-            image.voxels.shape, image.orientation, label.orientation, problem,
+            image.voxels.shape, label.voxels.shape, image.orientation, label.orientation, problem,
             bool(problem and resample_label)))
     if problem is not None and not resample_label:
         raise DataError(label_path, f"label grid does not match its image {image_path}: "
                                     f"{problem} (label vs image). If both files' geometry is "
                                     "right, data.options.resample_label=True resamples the "
                                     "label onto the image grid")
-    label_values = label.voxels if problem is None else resample_nearest(label, image)
+    if label_values is None:
+        label_values = resample_nearest(label, image)
     classes = spec.apply_values(label_values, label_path)
     low, high = window if window is not None else percentile_window(image.voxels, percentiles)
     volume = window_to_uint8(image.voxels, low, high)

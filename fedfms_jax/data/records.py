@@ -94,7 +94,8 @@ class Record:
 class VolumeInfo:
     """One case of a volume layout as it was read: formats, grid, and how its label fits.
 
-    spacing: the image's (z, row, col) voxel size in mm; shape: its slices (Z, H, W).
+    spacing: the image's (z, row, col) voxel size in mm; shape: its slices (Z, H, W);
+      label_shape: the label's (smaller when it lies on a crop of the image grid).
     orientation, label_orientation: axis codes of the stored arrays ('RAS', 'LPS', ...).
     geometry: what differs between the label's and the image's grids in world space
       (None: they coincide); resampled: the label was resampled onto the image grid.
@@ -107,6 +108,7 @@ class VolumeInfo:
     label_format: str
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
+    label_shape: tuple[int, int, int]
     orientation: str
     label_orientation: str
     geometry: str | None = None

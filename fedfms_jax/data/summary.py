@@ -66,6 +66,7 @@ def summarise_volumes(volumes: Sequence[VolumeInfo]) -> dict:
                        for i, axis in enumerate(("z", "row", "col"))} if len(volumes) else {},
         "orientations": _counts(v.orientation for v in volumes),
         "label_orientations": _counts(v.label_orientation for v in volumes),
+        "label_crops": sum(v.geometry is None and v.label_shape != v.shape for v in volumes),
         "geometry_off": [{"case": v.case, "image": v.image, "label": v.label,
                           "problem": v.geometry, "resampled": v.resampled}
                          for v in volumes if v.geometry is not None],
@@ -123,7 +124,9 @@ def _format_volumes(volumes: dict) -> list[str]:
     lines = [f"    volumes: {volumes['cases']} cases | image {counts(volumes['image_formats'])}"
              f" | label {counts(volumes['label_formats'])} | spacing {ranges or '-'} mm"
              f" | orientation {counts(volumes['orientations'])}"
-             f" (labels {counts(volumes['label_orientations'])})"]
+             f" (labels {counts(volumes['label_orientations'])})"
+             + (f" | {volumes['label_crops']} labels on a crop of the image grid"
+                if volumes["label_crops"] else "")]
     for off in volumes["geometry_off"]:
         what = "resampled onto the image grid" if off["resampled"] else "not used"
         lines.append(f"    geometry off: {off['case']} ({what}), {Path(off['label']).name} vs "

@@ -400,29 +400,65 @@ def _write_itk(stored: np.ndarray, like: Volume, path: Path) -> None:
 # Geometry in world space
 
 
+def _corners(shape: tuple[int, int, int]) -> np.ndarray:
+    """f64[4,8]: the homogeneous (z, row, col, 1) indices of a grid's corner voxels."""
+    return np.array([[z, r, c, 1] for z in (0, shape[0] - 1) for r in (0, shape[1] - 1)
+                     for c in (0, shape[2] - 1)], float).T
+
+
+def _apart(image: Volume, label: Volume, offset) -> float:
+    """Largest distance (mm) between a label voxel centre and the image voxel centre
+    `offset` indices further. The difference of two affine maps is largest at a corner of
+    the grid, so the 8 corners decide for every voxel."""
+    corners = _corners(label.voxels.shape)
+    shifted = corners + np.array([*offset, 0], float)[:, None]
+    return float(np.linalg.norm((label.slice_affine @ corners
+                                 - image.slice_affine @ shifted)[:3], axis=0).max())
+
+
+def subgrid_offset(image: Volume, label: Volume, tolerance: float = 0.1,
+                   ) -> tuple[int, int, int] | None:
+    """(z, row, col) index in the image of the label's first voxel when every label voxel
+    centre is an image voxel centre, within `tolerance` x the smallest image voxel size:
+    the label grid is the image grid, or a crop of it (as DICOM SEG files without their
+    empty frames, and 3D Slicer's cropped segmentations, are). Else None."""
+    limit = tolerance * min(image.spacing)
+    index = (np.linalg.inv(image.slice_affine) @ label.slice_affine[:, 3])[:3]
+    offset = np.round(index).astype(int)
+    if (offset < 0).any() or (offset + label.voxels.shape > np.array(image.voxels.shape)).any():
+        return None
+    if _apart(image, label, offset) > limit:
+        return None
+    return tuple(int(o) for o in offset)
+
+
+def label_on_image_grid(image: Volume, label: Volume, tolerance: float = 0.1,
+                        ) -> np.ndarray | None:
+    """f32[Z,H,W] label values on the image grid when the label grid is that grid or a crop
+    of it (`subgrid_offset`; 0 outside a crop), else None. No interpolation: exact."""
+    offset = subgrid_offset(image, label, tolerance)
+    if offset is None:
+        return None
+    if offset == (0, 0, 0) and label.voxels.shape == image.voxels.shape:
+        return label.voxels
+    out = np.zeros(image.voxels.shape, np.float32)
+    out[tuple(slice(o, o + n) for o, n in zip(offset, label.voxels.shape))] = label.voxels
+    return out
+
+
 def grid_mismatch(image: Volume, label: Volume, tolerance: float = 0.1) -> str | None:
     """What differs between the label's and the image's voxel grids in world space, stated
-    as 'label vs image', or None when they coincide.
-
-    After both are in the canonical layout, every label voxel centre must lie within
-    `tolerance` x the smallest image voxel size of the image's voxel centre of the same
-    index. The difference of two affine maps is largest at a corner of the grid, so the
-    8 corners decide for every voxel.
-    """
+    as 'label vs image', or None when every label voxel centre lies within `tolerance` x
+    the smallest image voxel size of an image voxel centre (`subgrid_offset`)."""
+    if subgrid_offset(image, label, tolerance) is not None:
+        return None
     limit = tolerance * min(image.spacing)
     differences = []
     if image.voxels.shape != label.voxels.shape:
         differences.append(f"shape {label.voxels.shape} vs {image.voxels.shape} (Z,H,W)")
     else:
-        corners = np.array([[z, r, c, 1] for z in (0, image.voxels.shape[0] - 1)
-                            for r in (0, image.voxels.shape[1] - 1)
-                            for c in (0, image.voxels.shape[2] - 1)], float).T
-        apart = (label.slice_affine @ corners - image.slice_affine @ corners)[:3]
-        distance = float(np.linalg.norm(apart, axis=0).max())
-        if distance <= limit:
-            return None
-        differences.append(f"voxel centres up to {distance:.3g} mm apart (tolerance "
-                           f"{limit:.3g} mm)")
+        differences.append(f"voxel centres up to {_apart(image, label, (0, 0, 0)):.3g} mm "
+                           f"apart (tolerance {limit:.3g} mm)")
     if not np.allclose(label.spacing, image.spacing, rtol=0, atol=limit):
         differences.append(f"spacing {_mm(label.spacing)} vs {_mm(image.spacing)} mm "
                            "(z,row,col)")

@@ -138,6 +138,10 @@ def write_dicom_series(image, folder: Path, *, reverse_names: bool = False,
         position = "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
         tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
                 "0020|000d": series_uid + ".0", "0020|000e": series_uid,
+                "0020|0052": series_uid + ".9", "0010|0020": "colin27", "0010|0010": "Colin27",
+                "0008|0020": "20260101", "0008|0030": "120000", "0008|0050": "1",
+                "0020|0011": "1", "0010|0030": "", "0010|0040": "O", "0008|0090": "",
+                "0020|0010": "1",
                 "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
                 "0020|0032": position, "0020|0037": orientation,
                 "0018|0050": str(image.GetSpacing()[2])}

@@ -110,9 +110,9 @@ def test_fixed_window_for_ct(tmp_path):
 
 def test_label_shape_mismatch_names_the_label(tmp_path):
     _case_dirs(tmp_path, cases=2)
-    save_nifti(tmp_path / "site1" / "case1" / "label.nii.gz", np.zeros((12, 14, 7), np.uint8))
+    save_nifti(tmp_path / "site1" / "case1" / "label.nii.gz", np.zeros((12, 14, 9), np.uint8))
     with pytest.raises(DataError, match=r"case1/label\.nii\.gz: label grid does not match its "
-                                        r"image .*case1/image\.nii\.gz: shape \(7, 14, 12\) vs "
+                                        r"image .*case1/image\.nii\.gz: shape \(9, 14, 12\) vs "
                                         r"\(8, 14, 12\) \(Z,H,W\)"):
         load_sites("nifti", tmp_path, num_classes=2)
     sites = load_sites("nifti", tmp_path, num_classes=2, skip_bad=True)
@@ -160,3 +160,20 @@ def test_case_folder_without_image(tmp_path):
     with pytest.raises(DataError, match=r"site1/case0: case folder without an image: expected "
                                         r"image\.nii\.gz"):
         load_sites("nifti", tmp_path, num_classes=2)
+
+
+def test_label_on_a_crop_of_the_image_grid_is_placed_exactly(tmp_path):
+    """Every voxel centre of a cropped label is an image voxel centre: it is used as is,
+    zeros around it (DICOM SEG without empty frames, 3D Slicer's cropped segmentations)."""
+    image, label = nifti_volume()
+    save_nifti(tmp_path / "full" / "c" / "image.nii.gz", image)
+    save_nifti(tmp_path / "full" / "c" / "label.nii.gz", label)
+    save_nifti(tmp_path / "crop" / "c" / "image.nii.gz", image)
+    offset = np.diag([0.8, 0.9, 3.0, 1.0])
+    offset[:3, 3] = np.array([2, 3, 1]) * [0.8, 0.9, 3.0]  # starts at voxel (2, 3, 1)
+    save_nifti(tmp_path / "crop" / "c" / "label.nii.gz", label[2:11, 3:10, 1:6], affine=offset)
+    sites = load_sites("nifti", tmp_path, num_classes=2, keep_empty=1.0, val_fraction=0)
+    for a, b in zip(sites["full"].train, sites["crop"].train):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    assert [v.label_shape for v in sites["crop"].volumes] == [(5, 7, 9)]
+    assert sites["crop"].volumes[0].geometry is None
