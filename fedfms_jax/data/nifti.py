@@ -7,12 +7,14 @@ A site holds cases in one of two conventions:
     <site>/<case>/label.<ext> (or mask.<ext>, seg.<ext>); optionally under <site>/train and
     <site>/val
   <site>/imagesTr/<case>[_0000].<ext> with <site>/labelsTr/<case>.<ext>  (MSD, nnU-Net)
-where ext is any of .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd (`volumes.read_volume`).
+where ext is any of .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .dcm (a DICOM SEG label; see
+`volumes.read_volume`).
 
-Each volume is brought to the closest RAS orientation of its affine, and the label must lie
-on the image's voxel grid in world space (`volumes.grid_mismatch`): a label with a shifted
-origin or a flipped axis stops the run naming both files, unless `resample_label` resamples
-it onto the image grid (nearest neighbour). The image is clipped at intensity percentiles
+Each volume is brought to the closest RAS orientation of its affine, and every label voxel
+centre must be an image voxel centre in world space (`volumes.grid_mismatch`; a label on a
+crop of the image grid is placed exactly): a label with a shifted origin or a flipped axis
+stops the run naming both files, unless `resample_label` resamples it onto the image grid
+(nearest neighbour). The image is clipped at intensity percentiles
 (or a fixed window, for CT) to u8 and cut into axial slices; a slice's image is the stack of
 slices (i-1, i, i+1) as RGB and its record carries the in-plane spacing. Slices without
 foreground are subsampled (`keep_empty`), as FedFMS keeps mostly slices that show the target.

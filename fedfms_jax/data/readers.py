@@ -3,8 +3,8 @@
 Layouts (one folder per site under `root`, sites in natural-sort order):
   fedfms:    <site>/{data_npy,label_npy,val_data_npy,val_label_npy}/<stem>.npy
   folders:   <site>/{train,val}/{images,masks}/<stem>.{png,jpg,tif,...}  (or <site>/{images,masks})
-  volumes:   <site>/<case>/{image,label}.<nii.gz|nii|nrrd|nhdr|mha|mhd> (image/ may be a DICOM
-             series folder), or <site>/{imagesTr,labelsTr} (see nifti.py); `nifti` is
+  volumes:   <site>/<case>/{image,label}.<nii.gz|nii|nrrd|nhdr|mha|mhd|dcm> (image/ may be a
+             DICOM series folder, label.dcm a DICOM SEG), or <site>/{imagesTr,labelsTr} (see nifti.py); `nifti` is
              its old name
   synthetic: the embedded data set (synthetic.py); no root.
 

@@ -5,7 +5,9 @@ Formats (by suffix, case-insensitive):
                                 scl_slope/scl_inter applied, the header kept for write-back)
   NRRD        .nrrd .nhdr       SimpleITK
   MetaImage   .mha .mhd         SimpleITK
-  DICOM       a folder holding one series (SimpleITK/GDCM, slices sorted by position)
+  DICOM       a folder holding one series (SimpleITK/GDCM, slices sorted by position), or
+              one .dcm file: a DICOM SEG (highdicom; segment numbers as label values) or a
+              multi-frame image (SimpleITK)
 
 Every volume is brought to the closest RAS orientation of its affine and laid out as axial
 slices `voxels[z, row, col]`: z runs inferior -> superior, rows anterior -> posterior (anterior
@@ -30,11 +32,17 @@ import numpy as np
 
 from fedfms_jax.data.records import DataError
 
-# Longest first, so .nii.gz is not taken for .gz.
+# Longest first, so .nii.gz is not taken for .gz. A .dcm file is a DICOM SEG (read with
+# highdicom) or a single-file (multi-frame) DICOM image.
 FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
-           ".mha": "metaimage", ".mhd": "metaimage"}
+           ".mha": "metaimage", ".mhd": "metaimage", ".dcm": "dicom"}
 SUFFIXES = tuple(FORMATS)
-FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "dicom": "DICOM"}
+LABEL_SUFFIXES = SUFFIXES[:-1]  # what write_label_volume writes
+FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "dicom": "DICOM",
+                "dicom-seg": "DICOM SEG"}
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # the Segmentation Storage SOP class
+# highdicom's volume index (slice, row, col) -> the stored (i, j, k) = (col, row, slice).
+_SLICE_ROW_COL = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
 # RAS <-> LPS: ITK's world is LPS, NIfTI's (and this module's) RAS.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], float)
@@ -59,7 +67,7 @@ class Volume:
     voxels: f32[Z,H,W] axial slices (see the module docstring for the axes).
     spacing: (z, row, col) voxel size in mm.
     path: the file, or the DICOM series folder.
-    format: 'nifti' | 'nrrd' | 'metaimage' | 'dicom'.
+    format: 'nifti' | 'nrrd' | 'metaimage' | 'dicom' | 'dicom-seg'.
     affine: f64[4,4] from the *stored* array's voxel index (i, j, k) to RAS mm.
     stored_shape: the stored array's spatial shape (i, j, k).
     header: the nibabel NIfTI header of NIfTI input, else None.
@@ -158,11 +166,13 @@ def read_volume(path: str | Path, modality: int | None = None) -> Volume:
         if suffix is None:
             raise DataError(path, f"not a volume file: expected one of {', '.join(SUFFIXES)} "
                                   "or a folder holding a DICOM series")
-        fmt = FORMATS[suffix]
+        fmt, header = FORMATS[suffix], None
         if fmt == "nifti":
             stored, affine, header = _read_nifti(path, modality)
+        elif fmt == "dicom":
+            stored, affine, fmt = _read_dicom_file(path, modality)
         else:
-            stored, affine, header = (*_read_itk_file(path, fmt, modality), None)
+            stored, affine = _read_itk_file(path, fmt, modality)
     if not np.all(np.isfinite(affine)):
         raise DataError(path, f"affine has non-finite values:\n{affine}")
     voxels = _to_slices(stored, affine, path)
@@ -256,6 +266,29 @@ def _from_itk(image, path: Path, modality: int | None) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(data), _LPS @ lps
 
 
+def _read_dicom_file(path: Path, modality: int | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(stored voxels, affine, 'dicom-seg' | 'dicom') of one .dcm file."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises InvalidDicomError, OSError, ...
+        raise DataError(path, f"unreadable or corrupt DICOM file ({type(exc).__name__}: {exc})")
+    if header.get("SOPClassUID") != SEG_STORAGE:
+        return (*_read_itk_file(path, "dicom", modality), "dicom")
+    import highdicom
+
+    try:
+        seg = highdicom.seg.segread(str(path))
+        # Segment numbers become label values (label_map picks them); frames the SEG left
+        # out as empty are zeros, and a SEG of some slices is a crop of the image grid.
+        volume = seg.get_volume(combine_segments=True)
+    except Exception as exc:  # highdicom raises ValueError, RuntimeError, ...
+        raise DataError(path, f"unreadable DICOM SEG ({type(exc).__name__}: {exc})")
+    stored = np.ascontiguousarray(np.asarray(volume.array, np.float32).transpose(2, 1, 0))
+    return stored, _LPS @ np.asarray(volume.affine, float) @ _SLICE_ROW_COL, "dicom-seg"
+
+
 def _read_dicom_series(folder: Path, modality: int | None) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
@@ -310,8 +343,8 @@ def _check_slice_positions(reader, count: int, affine: np.ndarray, folder: Path,
 
 def default_label_suffix(like: Volume) -> str:
     """The suffix a label of `like` is written with by default: the input's own, and
-    '.nii.gz' (NIfTI with the series' geometry) for a DICOM series."""
-    if like.format == "dicom":
+    '.nii.gz' (NIfTI with the series' geometry) for DICOM."""
+    if like.format.startswith("dicom"):
         return ".nii.gz"
     return volume_suffix(like.path) or ".nii.gz"
 
@@ -322,7 +355,7 @@ def write_label_volume(labels: np.ndarray, like: Volume, out_path: str | Path) -
     The file has `like`'s stored shape, array order, spacing, origin and direction and, for
     NIfTI input written as NIfTI, `like`'s header geometry (qform, sform, codes, units).
     The format follows `out_path`'s suffix (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd); a name
-    without a suffix gets `default_label_suffix(like)`. DICOM output is not written.
+    without a suffix gets `default_label_suffix(like)`. DICOM (series or SEG) is not written.
     `read_volume` of the result gives back `labels` exactly.
     """
     labels = np.asarray(labels)
@@ -335,10 +368,10 @@ def write_label_volume(labels: np.ndarray, like: Volume, out_path: str | Path) -
         raise ValueError(f"label values {labels.min()}..{labels.max()} do not fit u8")
     out_path = Path(out_path)
     suffix = volume_suffix(out_path)
-    if suffix is None:
+    if suffix not in LABEL_SUFFIXES:
         if out_path.suffix:
             raise ValueError(f"cannot write a label volume as {out_path.name}: use one of "
-                             f"{', '.join(SUFFIXES)}")
+                             f"{', '.join(LABEL_SUFFIXES)}")
         suffix = default_label_suffix(like)
         out_path = out_path.with_name(out_path.name + suffix)
     stored = like.to_stored(labels.astype(np.uint8))

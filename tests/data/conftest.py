@@ -138,7 +138,7 @@ def write_dicom_series(image, folder: Path, *, reverse_names: bool = False,
         position = "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
         tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
                 "0020|000d": series_uid + ".0", "0020|000e": series_uid,
-                "0020|0052": series_uid + ".9", "0010|0020": "colin27", "0010|0010": "Colin27",
+                "0020|0052": series_uid + ".9", "0010|0020": "colin27", "0010|0010": "Colin^27",
                 "0008|0020": "20260101", "0008|0030": "120000", "0008|0050": "1",
                 "0020|0011": "1", "0010|0030": "", "0010|0040": "O", "0008|0090": "",
                 "0020|0010": "1",
@@ -166,3 +166,36 @@ def save_itk(path: Path, array_ijk: np.ndarray, affine_ras: np.ndarray) -> Path:
     image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     sitk.WriteImage(image, str(path), useCompression=True)
     return path
+
+
+def write_dicom_seg(series: Path, labels, out: Path) -> Path:
+    """A DICOM SEG of the series in `series` (BINARY, one segment per label value, frames
+    without any segment left out as highdicom does by default). labels: a SimpleITK label
+    image on the series' grid."""
+    import highdicom
+    import pydicom
+    import SimpleITK as sitk
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(p) for p in sorted(series.glob("*.dcm"))]
+    values = sitk.GetArrayFromImage(labels)  # [k, row, col]
+    order = [labels.TransformPhysicalPointToIndex([float(v) for v in s.ImagePositionPatient])[2]
+             for s in sources]
+    segments = [int(v) for v in np.unique(values) if v]
+    description = [highdicom.seg.SegmentDescription(
+        segment_number=n, segment_label=f"label {v}", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue,
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for n, v in enumerate(segments, 1)]
+    numbered = np.zeros(values.shape, np.uint8)
+    for n, v in enumerate(segments, 1):
+        numbered[values == v] = n
+    seg = highdicom.seg.Segmentation(
+        source_images=sources, pixel_array=numbered[order],
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=description, series_instance_uid=highdicom.UID(), series_number=2,
+        sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="fedfms_jax tests",
+        manufacturer_model_name="conftest", software_versions="1", device_serial_number="1")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out)
+    return out

@@ -6,7 +6,7 @@ import pytest
 
 from fedfms_jax.data import DataError, load_sites, volumes
 from tests import real_volumes
-from tests.data.conftest import (colin_crop, make_format_sites, write_case,
+from tests.data.conftest import (colin_crop, make_format_sites, write_case, write_dicom_seg,
                                  write_dicom_series)
 
 sitk = pytest.importorskip("SimpleITK")
@@ -218,3 +218,32 @@ def test_inspect_shows_formats_spacing_orientations_and_every_case_off_grid(
     assert summary["sites"]["a"]["volumes"]["spacing_mm"] == {"z": [1.0, 1.0], "row": [1.0, 1.0],
                                                               "col": [1.0, 1.0]}
     assert "geometry off: shifted (resampled onto the image grid), label.mha vs image.mha" in out
+
+
+def test_dicom_seg_label_of_a_dicom_series(tmp_path, colin_crops):
+    """A SEG with two segments, its first and last frames empty (so left out): segment
+    numbers are the label values and the SEG's frames a crop of the series' grid."""
+    (image, label), _ = colin_crops
+    values = sitk.GetArrayFromImage(label)
+    regions = np.zeros(values.shape, np.uint8)
+    regions[np.isin(values, (77, 78))] = 1  # thalamus
+    regions[np.isin(values, (71, 72, 73, 74))] = 2  # caudate and putamen
+    regions[[0, -1]] = 0
+    regions_image = sitk.GetImageFromArray(regions)
+    regions_image.CopyInformation(label)
+    write_case(tmp_path / "seg" / "c", image, regions_image, "dicom")
+    (tmp_path / "seg" / "c" / "label.nii.gz").unlink()
+    series = tmp_path / "seg" / "c" / "image"
+    write_dicom_seg(series, sitk.Flip(regions_image, [False, True, True]),
+                    tmp_path / "seg" / "c" / "label.dcm")
+    write_case(tmp_path / "ref" / "c", image, regions_image, "nii.gz")
+    sites = load_sites("volumes", tmp_path, num_classes=2, keep_empty=1.0, val_fraction=0)
+    seg = volumes.read_volume(tmp_path / "seg" / "c" / "label.dcm")
+    assert seg.format == "dicom-seg" and seg.voxels.shape == (4, 64, 64)
+    assert sites["seg"].volumes[0].label_format == "dicom-seg"
+    assert sites["seg"].volumes[0].label_shape == (4, 64, 64)
+    assert_same_records(records_of(sites["seg"]), records_of(sites["ref"]), "DICOM SEG")
+    assert {int(v) for r in sites["seg"].train for v in np.unique(r.mask)} == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"cannot write a label volume as x\.dcm"):
+        volumes.write_label_volume(seg.voxels.astype(np.uint8), seg, tmp_path / "x.dcm")
+    assert volumes.default_label_suffix(seg) == ".nii.gz"

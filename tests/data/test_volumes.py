@@ -243,3 +243,18 @@ def test_write_label_volume_refuses_what_it_cannot_write(tmp_path, colin):
     with pytest.raises(ValueError, match=r"expected integers"):
         volumes.write_label_volume(labels.astype(np.float32), colin, tmp_path / "a.nrrd")
     assert volumes.write_label_volume(labels, colin, tmp_path / "plain").name == "plain.nii.gz"
+
+
+def test_single_dicom_files(tmp_path, colin):
+    import SimpleITK as sitk
+
+    series = write_dicom_series(sitk.ReadImage(str(real_volumes.COLIN27_T1))[:, :, 80:83],
+                                tmp_path / "series")
+    one = volumes.read_volume(series / "slice001.dcm")
+    assert one.format == "dicom" and one.voxels.shape == (1, 217, 181)
+    np.testing.assert_array_equal(one.voxels[0], colin.voxels[81])
+    np.testing.assert_allclose(one.slice_affine[:3, 3], colin.slice_affine[:3, 3] + [0, 0, 81],
+                               atol=1e-5)
+    (tmp_path / "bad.dcm").write_bytes(b"\x00" * 200 + b"not DICOM")
+    with pytest.raises(DataError, match=r"bad\.dcm: unreadable or corrupt DICOM file"):
+        volumes.read_volume(tmp_path / "bad.dcm")
