@@ -115,8 +115,9 @@ def _stored_to_slices_affine(affine: np.ndarray, shape: tuple[int, int, int]) ->
     """f64[4,4] from (z, row, col) of the slice layout to the stored voxel index (i, j, k)."""
     from nibabel.orientations import inv_ornt_aff
 
-    canonical_to_stored = inv_ornt_aff(_orientation(affine, "affine"), shape)
-    height = shape[int(np.flatnonzero(_orientation(affine, "affine")[:, 0] == 1)[0])]
+    ornt = _orientation(affine, "affine")
+    canonical_to_stored = inv_ornt_aff(ornt, shape)
+    height = shape[int(np.flatnonzero(ornt[:, 0] == 1)[0])]  # the stored axis that runs P-A
     # (z, row, col) -> canonical (x, y, z) = (col, H-1-row, z): anterior at the top.
     slices_to_canonical = np.array([[0, 0, 1, 0], [0, -1, 0, height - 1], [1, 0, 0, 0],
                                     [0, 0, 0, 1]], float)
@@ -147,8 +148,8 @@ def _pick_volume(data: np.ndarray, volumes_axis: int | None, modality: int | Non
 
 
 def read_volume(path: str | Path, modality: int | None = None) -> Volume:
-    """The volume in `path`: a .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd file or a folder holding
-    one DICOM series.
+    """The volume in `path`: a .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd/.dcm file (.dcm: a DICOM
+    SEG or a single-file DICOM image) or a folder holding one DICOM series.
 
     modality: which volume of a 4-D (or multi-component) file; required when it holds
       several, ignored for 3-D files (an nnU-Net channel file is one modality already).
