@@ -16,6 +16,7 @@ import argparse
 import ast
 import functools
 import json
+import logging
 import sys
 import time
 
@@ -139,11 +140,17 @@ def _inspect(args) -> int:
     except DataError as error:
         if args.skip_bad:
             raise
-        # Training would stop here; read on past bad inputs to list every one of them.
+        # Training would stop here; read on past bad inputs to list every one of them (the
+        # summary lists them, so the readers' warnings would only repeat them).
+        readers_log = logging.getLogger("fedfms_jax.data.readers")
+        level = readers_log.level
+        readers_log.setLevel(logging.ERROR)
         try:
             sites, first_error = load(skip_bad=True), error
         except DataError:
             raise error from None
+        finally:
+            readers_log.setLevel(level)
     summary = {"layout": args.layout, "root": args.root, "num_classes": args.num_classes,
                **summarise_sites(sites, args.sample or None)}
     print(format_summary(summary))
