@@ -332,10 +332,16 @@ def _check_slice_positions(reader, count: int, affine: np.ndarray, folder: Path,
     typical = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - typical)))
     if abs(steps[worst] - typical) > 0.1 * abs(typical) or abs(typical) == 0:
+        # GDCM leaves out files it cannot parse, so a truncated slice shows up as a gap.
+        read = {Path(f).resolve() for f in files}
+        left_out = sorted(p.name for p in folder.iterdir()
+                          if p.is_file() and not p.name.startswith(".") and p.resolve() not in read)
+        hint = (f"; not read as part of the series: {', '.join(left_out[:5])}"
+                + (" ..." if len(left_out) > 5 else "")) if left_out else ""
         raise DataError(folder, f"DICOM slices are not evenly spaced: {steps[worst]:.4g} mm "
                                 f"between {Path(files[worst]).name} and "
                                 f"{Path(files[worst + 1]).name}, {typical:.4g} mm elsewhere "
-                                "(a missing or duplicated slice?)")
+                                f"(a missing or duplicated slice?){hint}")
 
 
 # ---------------------------------------------------------------------------------------

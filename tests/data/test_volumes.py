@@ -230,8 +230,15 @@ def test_dicom_folder_with_two_series_or_a_missing_slice(tmp_path):
     gap = write_dicom_series(crop, tmp_path / "gap")
     (gap / "slice004.dcm").unlink()
     with pytest.raises(DataError, match=r"gap: DICOM slices are not evenly spaced: 2 mm "
-                                        r"between slice003\.dcm and slice005\.dcm"):
+                                        r"between slice003\.dcm and slice005\.dcm, 1 mm "
+                                        r"elsewhere \(a missing or duplicated slice\?\)$"):
         volumes.read_volume(gap)
+    truncated = write_dicom_series(crop, tmp_path / "truncated")
+    data = (truncated / "slice004.dcm").read_bytes()
+    (truncated / "slice004.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"truncated: DICOM slices are not evenly spaced: .*; "
+                                        r"not read as part of the series: slice004\.dcm$"):
+        volumes.read_volume(truncated)
 
 
 def test_write_label_volume_refuses_what_it_cannot_write(tmp_path, colin):
@@ -258,3 +265,19 @@ def test_single_dicom_files(tmp_path, colin):
     (tmp_path / "bad.dcm").write_bytes(b"\x00" * 200 + b"not DICOM")
     with pytest.raises(DataError, match=r"bad\.dcm: unreadable or corrupt DICOM file"):
         volumes.read_volume(tmp_path / "bad.dcm")
+
+
+def test_a_failed_write_keeps_the_earlier_label_file(tmp_path, colin, monkeypatch):
+    labels = (colin.voxels > 100).astype(np.uint8)
+    out = volumes.write_label_volume(labels, colin, tmp_path / "label.nrrd")
+    before = out.read_bytes()
+
+    def broken(stored, like, path):
+        path.write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(volumes, "_write_itk", broken)
+    with pytest.raises(OSError, match="disk full"):
+        volumes.write_label_volume(1 - labels, colin, out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["label.nrrd"]
