@@ -12,6 +12,8 @@ from fedfms_jax.models import get_config, transform_coords
 from fedfms_jax.models.sam import resized_shape
 from fedfms_jax.predict import main
 from fedfms_jax.weights_file import save_weights
+from tests.numerics import (assert_matches_reference, float64_copy, pinned_matmul_precision,
+                            to_float64)
 from tests.torch_sam import build_torch_sam, state_dict_numpy
 from weights.convert import torch_to_flax
 
@@ -40,8 +42,9 @@ def image_path(tmp_path_factory):
     return path
 
 
-def official_prediction(torch_sam, image_path, box, points, labels, multimask):
-    """The official Sam.forward on the same resized image and transformed prompts."""
+def official_prediction(torch_sam, image_path, box, points, labels, multimask, float64=False):
+    """The official Sam.forward on the same resized image and transformed prompts (with
+    float64=True, a float64 copy of the model on float64 inputs)."""
     size = torch_sam.image_encoder.img_size
     image = np.asarray(Image.open(image_path).convert("RGB"))
     h, w = resized_shape(HEIGHT, WIDTH, size)
@@ -56,8 +59,16 @@ def official_prediction(torch_sam, image_path, box, points, labels, multimask):
         record["point_coords"] = torch.from_numpy(
             transform_coords(np.asarray(points), (HEIGHT, WIDTH), size)[None])
         record["point_labels"] = torch.tensor([labels])
+    if float64:
+        torch_sam, record = float64_copy(torch_sam), to_float64(record)
     with torch.no_grad():
         return torch_sam([record], multimask_output=multimask)[0]
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    with pinned_matmul_precision():
+        yield
 
 
 @pytest.mark.parametrize("prompt_args, box, points, labels, multimask", [
@@ -73,12 +84,14 @@ def test_predict_matches_official(tmp_path, torch_sam, weights, image_path, prom
                  "--save-logits", str(logits_path), *prompt_args])
     assert code == 0
     official = official_prediction(torch_sam, image_path, box, points, labels, multimask)
+    official64 = official_prediction(torch_sam, image_path, box, points, labels, multimask,
+                                     float64=True)
     logits = np.load(logits_path)
     n = 3 if multimask else 1
     low_res = get_config("tiny").low_res_size
     assert logits.shape == (n, low_res, low_res) and logits.dtype == np.float32
-    expected = official["low_res_logits"][0].numpy()
-    assert np.max(np.abs(logits - expected)) <= 1e-4
+    assert_matches_reference(logits, official["low_res_logits"][0], official64["low_res_logits"][0],
+                             "predict CLI low-res logits")
     printed = capsys.readouterr().out
     ious = official["iou_predictions"][0].numpy()
     assert "predicted IoU: " + ", ".join(f"{v:.4f}" for v in ious) in printed

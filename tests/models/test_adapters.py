@@ -19,11 +19,10 @@ from fedfms_jax.models.adapters import Adapter, AdapterParam, LoRAParam, QkvLoRA
 from fedfms_jax.models.sam import extend
 from fedfms_jax.weights_file import load_sam, save_weights
 from tests.fast_build import FAST_COMPILE, random_sam
+from tests.numerics import assert_matches_reference, float64_copy, pinned_matmul_precision
 from tests.torch_fedfms import build_torch_fedfms, torch_segment
 from tests.torch_sam import state_dict_numpy
 from weights.convert import torch_to_flax
-
-TOL = 1e-4
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
@@ -32,14 +31,6 @@ def nchw(x: np.ndarray) -> torch.Tensor:
 
 def to_nhwc(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def max_error(ours, theirs, stage: str, tol: float = TOL) -> float:
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape, f"{stage}: shape {ours.shape} vs reference {theirs.shape}"
-    err = float(np.max(np.abs(ours - theirs)))
-    assert err <= tol, f"{stage}: max abs difference {err:.3g} > {tol}"
-    return err
 
 
 # ---------------------------------------------------------------------------------- init
@@ -152,30 +143,40 @@ def pair(tmp_path_factory):
 
 
 def test_adapter_parity_stage_by_stage(pair):
+    """The stages of the model's own forward against the reference in float32 and float64
+    (tests/numerics.py), each fed the previous stage's output of its own framework."""
     torch_model, model, config = pair
+    torch_model64 = float64_copy(torch_model)
     images = np.random.default_rng(0).normal(size=(2, 128, 128, 3)).astype(np.float32)
-    official = torch_model.image_encoder
+    official, official64 = torch_model.image_encoder, torch_model64.image_encoder
+    encoder = model.image_encoder
     errors = {}
     # Compiled per stage: cheaper than eager op-by-op dispatch on a small CPU.
     run = jax.jit(lambda module, x: module(x), compiler_options=FAST_COMPILE)
-    with torch.no_grad():
+    with pinned_matmul_precision(), torch.no_grad():
         x_t = official.patch_embed(nchw(images)) + official.pos_embed
-        encoder = model.image_encoder
-        x = encoder.patch_embed(jnp.asarray(images)) + encoder.pos_embed[...]
-        errors["patch_embed"] = max_error(x, x_t, "patch_embed + pos_embed")
-        for i, (block_t, block) in enumerate(zip(official.blocks, model.image_encoder.blocks)):
-            x_t, x = block_t(x_t), run(block, x)
+        x_64 = official64.patch_embed(nchw(images).double()) + official64.pos_embed
+        x = jax.jit(lambda e, i: e.embed_patches(i) + e.pos_embed[...],
+                    compiler_options=FAST_COMPILE)(encoder, jnp.asarray(images))
+        errors["patch_embed"] = assert_matches_reference(x, x_t, x_64, "patch_embed + pos_embed")
+        for i, block in enumerate(encoder.blocks):
+            x_t, x_64, x = official.blocks[i](x_t), official64.blocks[i](x_64), run(block, x)
             kind = "global" if block.window_size == 0 else f"window {block.window_size}"
-            errors[f"block {i}"] = max_error(x, x_t, f"adapter block {i} ({kind})")
+            errors[f"block {i}"] = assert_matches_reference(x, x_t, x_64,
+                                                            f"adapter block {i} ({kind})")
         embedding_t = to_nhwc(official(nchw(images)))
+        embedding_64 = to_nhwc(official64(nchw(images).double()))
         logits_t = to_nhwc(torch_segment(torch_model, nchw(images), config.num_classes))
-    errors["image_encoder"] = max_error(run(model.image_encoder, jnp.asarray(images)),
-                                        embedding_t, "image_encoder")
-    logits = jax.jit(lambda m, x: m.segment(x), compiler_options=FAST_COMPILE)(
-        model, jnp.asarray(images))
+        logits_64 = to_nhwc(torch_segment(torch_model64, nchw(images).double(),
+                                          config.num_classes))
+        errors["image_encoder"] = assert_matches_reference(
+            run(encoder, jnp.asarray(images)), embedding_t, embedding_64, "image_encoder")
+        logits = jax.jit(lambda m, x: m.segment(x), compiler_options=FAST_COMPILE)(
+            model, jnp.asarray(images))
     assert logits.shape == (2, 32, 32, config.num_classes)
-    errors["segment"] = max_error(logits, logits_t, "segment logits")
+    errors["segment"] = assert_matches_reference(logits, logits_t, logits_64, "segment logits")
     # A parity test on near-constant outputs would prove little.
     assert np.std(logits_t) > 0.1, f"reference logits too flat: std {np.std(logits_t):.3g}"
     print(f"{config.num_classes} classes, lora_blocks={config.lora_blocks}, |logits| <= "
-          f"{np.abs(logits_t).max():.3g}: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items()))
+          f"{np.abs(logits_t).max():.3g}, relative errors: "
+          + ", ".join(f"{k} {v:.2g}" for k, v in errors.items()))
