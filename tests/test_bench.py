@@ -20,7 +20,7 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
 
 def test_smoke_plan_writes_the_summary(tmp_path):
     out = tmp_path / "smoke.json"
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}")
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,25 @@ def tiny_checkpoint(tmp_path, tiny_state_dict):
     return path
 
 
+def test_vit_b_official_keys_and_shapes_convert_both_ways():
+    """The official ViT-B's 314 tensor names and shapes (built on torch's meta device: no
+    memory, no values) go to Flax and back; values are checked on the tiny variant here and
+    on ViT-B in the slow test below."""
+    with torch.device("meta"):
+        official = build_torch_sam(get_config("vit_b"), seed=0, randomise_values=False)
+    zeros = {k: np.broadcast_to(np.float32(0), tuple(v.shape))
+             for k, v in official.state_dict().items()}
+    assert len(zeros) == 314
+    tensors, config = torch_to_flax(zeros)
+    assert config.variant == "vit_b"
+    assert sum(v.size for k, v in tensors.items() if "gaussian" not in k) == 93_735_472
+    back = flax_to_torch(tensors)
+    assert set(back) == set(zeros)
+    for key, value in zeros.items():
+        assert back[key].shape == value.shape, key
+
+
+@pytest.mark.slow  # a 94M-parameter torch model with random values
 def test_vit_b_round_trip_is_exact():
     """All 314 official ViT-B tensors go to Flax and back bit for bit."""
     state_dict = state_dict_numpy(build_torch_sam(get_config("vit_b"), seed=0))

@@ -37,8 +37,10 @@ def modeling():
     return _modeling()
 
 
-def build_torch_sam(config: SamConfig, seed: int = 0) -> torch.nn.Module:
-    """The official Sam with the config's shapes, every tensor random (seeded)."""
+def build_torch_sam(config: SamConfig, seed: int = 0, randomise_values: bool = True
+                    ) -> torch.nn.Module:
+    """The official Sam with the config's shapes, every tensor random (seeded); with
+    randomise_values=False the official init (or, under torch.device("meta"), none)."""
     m = _modeling()
     grid = config.embedding_size
     sam = m.Sam(
@@ -61,7 +63,8 @@ def build_torch_sam(config: SamConfig, seed: int = 0) -> torch.nn.Module:
             transformer_dim=config.prompt_embed_dim, iou_head_depth=config.iou_head_depth,
             iou_head_hidden_dim=config.iou_head_hidden_dim),
     )
-    randomise(sam, seed)
+    if randomise_values:
+        randomise(sam, seed)
     return sam.eval()
 
 

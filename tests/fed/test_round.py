@@ -282,8 +282,9 @@ def test_four_devices_equal_one_device(run, tmp_path):
     """The same federation on 4 forced CPU devices, 4 clients per step (so 5 clients are
     padded to 8 and trained in 2 chunks) matches one device to float32 rounding."""
     out = tmp_path / "four.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    # Appended, so a portability run's --xla_cpu_max_isa applies here too.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "tests.fed.helpers", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -45,19 +45,26 @@ def simulate(config) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     return weights, losses
 
 
-def test_two_sites_over_tls_train_as_the_simulator(tmp_path, launch):
-    """2 sites x 2 rounds over TLS: per-round lines, bytes per message, evaluation, no
-    process left, and the simulator's final weights."""
-    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2", "--tls",
-                 "--round_timeout", "400", "--connect_timeout", "200", *TWO_SITES)
+# The default suite's one real-process Flower run is the plain loopback one; TLS (its
+# certificates are checked in-process by test_certs.py) only adds handshakes to it.
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["loopback", "tls"])
+def test_two_sites_train_as_the_simulator(tmp_path, launch, tls):
+    """2 sites x 2 rounds: per-round lines, bytes per message, evaluation, no process left,
+    and the simulator's final weights."""
+    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2",
+                 *(["--tls"] if tls else []), "--round_timeout", "400",
+                 "--connect_timeout", "200", *TWO_SITES)
     code = run.wait(timeout=900)
     output = run.output
     assert code == 0, output
     assert run.leftovers() == []
-    for line in ("(TLS)", "sites: 0:site1 (n=12), 1:site2 (n=7)", "round 1 ", "round 2 ",
+    for line in ("sites: 0:site1 (n=12), 1:site2 (n=7)", "round 1 ", "round 2 ",
                  "round 2 val Dice: site1", "done: 2 rounds"):
         assert line in output, output
-    assert "Uvicorn running on https://127.0.0.1" in (
+    assert ("(TLS)" in output) == tls, output
+    scheme = "https" if tls else "http"
+    assert f"Uvicorn running on {scheme}://127.0.0.1" in (
         tmp_path / "run/flower/logs/superlink.log").read_text()
 
     rounds = read_records(tmp_path / "run", "round")
@@ -92,6 +99,7 @@ def assert_close_to_simulator(final, expected, config):
     assert differences[worst] <= 1e-5, (worst, differences[worst])
 
 
+@pytest.mark.slow  # in make test: test_server_app.py's unseen-site and connect tests
 def test_wrong_site_count_is_a_clear_error(tmp_path, launch):
     """The data set has 3 sites with site3 unseen; 2 SuperNodes cannot hold the unseen one."""
     run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2",
@@ -122,7 +130,8 @@ def kill_site_mid_round(run, site: int) -> None:
     supernode(run.tag, site).send_signal(signal.SIGKILL)
 
 
-def test_a_site_killed_mid_round_does_not_stop_the_others(tmp_path, launch):
+@pytest.mark.slow  # waits out the heartbeat timeout; in make test: test_server_app.py's
+def test_a_site_killed_mid_round_does_not_stop_the_others(tmp_path, launch):  # continue tests
     """on_site_failure=continue: round 1 completes with the remaining site, round 2 runs
     without the lost one, the unseen site is still tested; nothing is left behind."""
     run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "3",

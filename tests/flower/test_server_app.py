@@ -256,6 +256,15 @@ def test_connect_is_bounded_and_checks_identities(tmp_path):
         server.run()
 
 
+def test_an_unseen_site_that_did_not_connect_is_named(tmp_path):
+    """The in-process form of the real launcher's wrong-site-count error (slow test)."""
+    server = make_server(FakeGrid([FakeSite(0, "a", 3), FakeSite(1, "b", 1)]), tmp_path, 2,
+                         **{"data.unseen_site": "c"})
+    with pytest.raises(FederationError,
+                       match=r"data.unseen_site='c' is none of the connected sites \(a, b\)"):
+        server.run()
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"algorithm": "central"}, "baseline without a federation"),
     ({"algorithm": "fedprox", "train.server_optimizer": "adam"}, "no Flower strategy"),
