@@ -1,133 +1,190 @@
-"""Segmentation metrics as pure, jittable functions: Dice, IoU and HD95 per image, plus
-per-case (volume) aggregation and FedFMS's threshold-averaged compatibility mode.
+"""Segmentation metrics as the field reports them (MONAI / Medical Segmentation Decathlon
+conventions), per case on the original voxel grid with its spacing in mm: Dice, IoU, HD95
+and Normalised Surface Dice (NSD). Pure numpy/scipy functions.
 
-Conventions: an empty prediction on an empty ground truth scores Dice = IoU = 1 and
-HD95 = 0; HD95 is NaN when exactly one of the two is empty (left out of means with nanmean).
-HD95 is the larger of the two directed 95th-percentile boundary distances (as MONAI's
-compute_hausdorff_distance with percentile=95), in pixels or, with spacing, in mm.
+A case is a volume (3-D surface distances, spacing (z, row, col)) or an image (2-D,
+spacing (row, col); 1 when unknown, so distances are then in pixels).
+
+Surfaces and distances follow MONAI 1.6 exactly: a surface voxel is a foreground voxel with
+a face-neighbour outside the mask (the array border counts as outside); distances are exact
+Euclidean distances between surface-voxel centres scaled by the spacing, in float32.
+HD95 = max of the two directed 95th percentiles (`compute_hausdorff_distance(percentile=95)`);
+NSD = share of both surfaces within `tolerance_mm` of the other (`compute_surface_dice`).
+
+Empty cases, by `empty` (MONAI's `ignore_empty`):
+                        both empty    truth empty, pred not   truth not, pred empty
+  "ignore" (default)    all NaN       Dice/IoU NaN, NSD 0     Dice/IoU/NSD 0
+  "score"               1, 1, 0, 1    Dice/IoU/NSD 0          Dice/IoU/NSD 0
+HD95 of a one-sided-empty case is the diagonal of the case's field of view in mm (MONAI
+gives inf), so a missed lesion or a spurious mask counts as the worst distance instead of
+being dropped; such cases are also counted (`outcome`: "missed" / "spurious"). NaN means
+"nothing to score" and is left out of means.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
+from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
+METRICS = ("dice", "iou", "hd95", "nsd")
+EMPTY_CONVENTIONS = ("ignore", "score")
+# FedFMS's compatibility mode: thresholds on the raw logits, every figure averaged over them.
 FEDFMS_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+OUTCOMES = ("present", "missed", "spurious", "both_empty")
 
 
-def overlap(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-    """Per-image, per-class counts. pred, target: bool[B, H, W, C] -> each f32[B, C]."""
-    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
-    return {"intersection": jnp.sum(pred * target, axis=(1, 2)),
-            "pred_sum": jnp.sum(pred, axis=(1, 2)),
-            "target_sum": jnp.sum(target, axis=(1, 2))}
+def check_metric_names(names: Sequence[str]) -> tuple[str, ...]:
+    """The names, or ValueError naming the unknown ones (a typo is not silently skipped)."""
+    names = tuple(n.strip() for n in names if n.strip())
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or names}; known: {', '.join(METRICS)}")
+    return names
 
 
-def dice_from_overlap(counts: dict) -> jax.Array:
-    total = counts["pred_sum"] + counts["target_sum"]
-    return jnp.where(total > 0, 2 * counts["intersection"] / jnp.maximum(total, 1e-12), 1.0)
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels of mask bool[*S]: foreground with a face-neighbour outside the mask."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def iou_from_overlap(counts: dict) -> jax.Array:
-    union = counts["pred_sum"] + counts["target_sum"] - counts["intersection"]
-    return jnp.where(union > 0, counts["intersection"] / jnp.maximum(union, 1e-12), 1.0)
+def _crop_to_union(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the bounding box of their union plus one voxel (zero-padded at the
+    array border): surfaces and distances are unchanged, the work shrinks to the objects."""
+    union = pred | truth
+    slices = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        slices.append(slice(present[0], present[-1] + 1))
+    crop = tuple(slices)
+    return (np.pad(pred[crop], 1), np.pad(truth[crop], 1))
 
 
-def _lower_envelope(squared: jax.Array, step: float) -> jax.Array:
-    """min over j of squared[r, j] + (step * (i - j))^2 for every row r: f32[R, N] -> f32[R, N].
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(distances f32[Np] from each surface voxel of pred to truth's surface, f32[Nt] back),
+    in the units of spacing. Both masks must be non-empty."""
+    pred, truth = _crop_to_union(pred, truth)
+    scale = np.asarray(spacing, np.float64)
+    pred_points = np.argwhere(surface(pred)) * scale
+    truth_points = np.argwhere(surface(truth)) * scale
+    to_truth = cKDTree(truth_points).query(pred_points, k=1)[0]
+    to_pred = cKDTree(pred_points).query(truth_points, k=1)[0]
+    return to_truth.astype(np.float32), to_pred.astype(np.float32)
 
-    Row by row (lax.map) so the [N, N] temporary stays small even for 1024-pixel masks.
+
+def field_of_view_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length of the diagonal of the grid's extent (shape * spacing), in mm."""
+    return float(np.sqrt(np.sum((np.asarray(shape, np.float64) * np.asarray(spacing)) ** 2)))
+
+
+def binary_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
+                   tolerance_mm: float, empty: str = "ignore",
+                   metrics: Sequence[str] = METRICS) -> dict:
+    """Metrics of one class of one case: pred, truth bool[*S] (S 2-D or 3-D), spacing of
+    len(S) in mm -> {metric: float, "outcome": one of OUTCOMES}; see the module docstring."""
+    if empty not in EMPTY_CONVENTIONS:
+        raise ValueError(f"empty must be one of {EMPTY_CONVENTIONS}, got {empty!r}")
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} does not fit a {pred.ndim}-D mask")
+    has_pred, has_truth = bool(pred.any()), bool(truth.any())
+    nan = float("nan")
+    out: dict = {}
+    if has_truth:
+        outcome = "present" if has_pred else "missed"
+    else:
+        outcome = "spurious" if has_pred else "both_empty"
+    out["outcome"] = outcome
+    want = set(metrics)
+    if {"dice", "iou"} & want:
+        intersection = float(np.count_nonzero(pred & truth))
+        total = float(np.count_nonzero(pred)) + float(np.count_nonzero(truth))
+        if has_truth:
+            dice, iou = 2 * intersection / total, intersection / (total - intersection)
+        elif empty == "ignore":
+            dice = iou = nan
+        else:
+            dice = iou = 0.0 if has_pred else 1.0
+        if "dice" in want:
+            out["dice"] = dice
+        if "iou" in want:
+            out["iou"] = iou
+    if {"hd95", "nsd"} & want:
+        if outcome == "present":
+            to_truth, to_pred = surface_distances(pred, truth, spacing)
+            hd95 = float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+            tau = np.float32(tolerance_mm)  # compared in float32, as MONAI
+            nsd = float((np.count_nonzero(to_truth <= tau) + np.count_nonzero(to_pred <= tau))
+                        / (to_truth.size + to_pred.size))
+        elif outcome == "both_empty":
+            hd95, nsd = (nan, nan) if empty == "ignore" else (0.0, 1.0)
+        else:
+            hd95, nsd = field_of_view_diagonal(pred.shape, spacing), 0.0
+        if "hd95" in want:
+            out["hd95"] = hd95
+        if "nsd" in want:
+            out["nsd"] = nsd
+    return out
+
+
+def label_map(logits: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """Class logits f32[..., C] -> u8[...] labels (0 background, c + 1 for channel c).
+
+    A pixel takes the channel with the highest logit among those above `threshold`, so
+    classes never overlap in the output (what predict writes is what evaluation scores).
     """
-    n = squared.shape[-1]
-    offsets = (step * (jnp.arange(n)[:, None] - jnp.arange(n)[None, :])) ** 2  # [i, j]
-    return jax.lax.map(lambda row: jnp.min(row[None, :] + offsets, axis=-1), squared)
+    logits = np.asarray(logits)
+    if logits.shape[-1] == 1:
+        return (logits[..., 0] > threshold).astype(np.uint8)
+    best = np.argmax(logits, axis=-1)
+    above = np.take_along_axis(logits, best[..., None], axis=-1)[..., 0] > threshold
+    return np.where(above, best + 1, 0).astype(np.uint8)
 
 
-def distance_transform(features: jax.Array, spacing: tuple[float, float] = (1.0, 1.0)) -> jax.Array:
-    """Exact Euclidean distance from every pixel to the nearest True pixel of features
-    bool[H, W] (inf if there is none): f32[H, W]. Two separable exact passes, O(HW(H+W))."""
-    big = jnp.float32(1e20)
-    squared = jnp.where(features, 0.0, big)
-    squared = _lower_envelope(squared, spacing[1])  # along rows (x)
-    squared = _lower_envelope(squared.T, spacing[0]).T  # along columns (y)
-    return jnp.where(squared >= big, jnp.inf, jnp.sqrt(squared))
+def case_metrics(pred_labels: np.ndarray, truth: np.ndarray, spacing: Sequence[float], *,
+                 tolerance_mm: float, empty: str = "ignore",
+                 metrics: Sequence[str] = METRICS) -> dict:
+    """All classes of one case: pred_labels u8[*S] (label_map), truth bool[*S, C] ->
+    {metric: f64[C], "outcome": [C] outcome names}."""
+    num_classes = truth.shape[-1]
+    per_class = [binary_metrics(pred_labels == c + 1, truth[..., c], spacing,
+                                tolerance_mm=tolerance_mm, empty=empty, metrics=metrics)
+                 for c in range(num_classes)]
+    out = {m: np.array([p[m] for p in per_class], np.float64) for m in metrics}
+    out["outcome"] = [p["outcome"] for p in per_class]
+    return out
 
 
-def boundary(mask: jax.Array) -> jax.Array:
-    """Pixels of mask bool[H, W] with a 4-neighbour outside it (image edges count as outside)."""
-    padded = jnp.pad(mask, 1, constant_values=False)
-    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    return mask & ~interior
+def threshold_averaged(per_threshold: Sequence[dict]) -> dict:
+    """FedFMS's mode: each metric averaged over the thresholds' case_metrics (NaN where a
+    threshold has nothing to score is left out); outcomes are those at 0.5."""
+    metrics = [k for k in per_threshold[0] if k != "outcome"]
+    stacked = {m: np.stack([p[m] for p in per_threshold]) for m in metrics}
+    out = {}
+    for m, values in stacked.items():
+        finite = ~np.isnan(values)
+        out[m] = np.where(finite.any(0), np.where(finite, values, 0).sum(0)
+                          / np.maximum(finite.sum(0), 1), np.nan)
+    out["outcome"] = per_threshold[FEDFMS_THRESHOLDS.index(0.5)]["outcome"]
+    return out
 
 
-def hd95(pred: jax.Array, target: jax.Array, spacing: tuple[float, float] = (1.0, 1.0)) -> jax.Array:
-    """95th-percentile symmetric Hausdorff distance between pred and target bool[H, W]."""
-    pred_edge, target_edge = boundary(pred), boundary(target)
-    to_target = distance_transform(target_edge, spacing)
-    to_pred = distance_transform(pred_edge, spacing)
-    forward = jnp.nanpercentile(jnp.where(pred_edge, to_target, jnp.nan), 95)
-    backward = jnp.nanpercentile(jnp.where(target_edge, to_pred, jnp.nan), 95)
-    value = jnp.maximum(forward, backward)
-    both_empty = ~pred.any() & ~target.any()
-    one_empty = pred.any() != target.any()
-    return jnp.where(both_empty, 0.0, jnp.where(one_empty, jnp.nan, value))
-
-
-@jax.jit
-def segmentation_metrics(logits: jax.Array, targets: jax.Array,
-                         spacing: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Per-image metrics at sigmoid > 0.5 (logit > 0).
-
-    logits f32[B, H, W, C], targets f32/bool[B, H, W, C] (> 0.5 is foreground), spacing
-    f32[B, 2] (row, column mm) or None for pixels -> dice, iou, hd95 and the overlap counts,
-    each f32[B, C].
-    """
-    pred, target = logits > 0, targets > 0.5
-    counts = overlap(pred, target)
-    if spacing is None:
-        spacing = jnp.ones((logits.shape[0], 2), jnp.float32)
-
-    def per_image(p, t, s):  # p, t: [H, W, C] -> [C]
-        return jax.vmap(lambda pc, tc: hd95(pc, tc, (s[0], s[1])), in_axes=-1)(p, t)
-
-    distances = jax.lax.map(lambda args: per_image(*args), (pred, target, spacing))
-    return {"dice": dice_from_overlap(counts), "iou": iou_from_overlap(counts),
-            "hd95": distances, **counts}
-
-
-@jax.jit
-def fedfms_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
-    """FedFMS's compatibility mode: Dice and IoU thresholding the raw logits at
-    (0.1, 0.3, 0.5, 0.7, 0.9) and averaging over thresholds; each f32[B, C]."""
-    target = targets > 0.5
-    dices, ious = [], []
-    for threshold in FEDFMS_THRESHOLDS:
-        counts = overlap(logits > threshold, target)
-        dices.append(dice_from_overlap(counts))
-        ious.append(iou_from_overlap(counts))
-    return {"dice": jnp.mean(jnp.stack(dices), axis=0), "iou": jnp.mean(jnp.stack(ious), axis=0)}
-
-
-def per_case(metrics: dict[str, np.ndarray], case_ids: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """Volume-level scores from per-image metrics of its slices.
-
-    Dice and IoU come from the summed overlap counts of all the case's slices (a true 3-D
-    Dice); HD95 is the mean over the slices where it is defined. -> {case: {metric: f32[C]}}.
-    """
-    rows = defaultdict(list)
-    for index, case in enumerate(case_ids):
-        rows[case].append(index)
-    cases = {}
-    for case, indices in rows.items():
-        counts = {k: np.sum(np.asarray(metrics[k])[indices], axis=0)
-                  for k in ("intersection", "pred_sum", "target_sum")}
-        with warnings.catch_warnings():  # all-NaN HD95 (no defined slice) stays NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            hd = np.nanmean(np.asarray(metrics["hd95"])[indices], axis=0)
-        cases[case] = {"dice": np.asarray(dice_from_overlap(counts)),
-                       "iou": np.asarray(iou_from_overlap(counts)), "hd95": hd}
-    return cases
+def site_summary(cases: dict[str, dict], metrics: Sequence[str] = METRICS) -> dict:
+    """Means over a site's cases (each case's class mean; NaN left out) and outcome counts:
+    {metric: float, "cases": n, "missed": n, "spurious": n, "both_empty": n}."""
+    out: dict = {}
+    for m in metrics:
+        values = [float(np.nanmean(c[m])) if np.isfinite(c[m]).any() else np.nan
+                  for c in cases.values()]
+        finite = [v for v in values if np.isfinite(v)]
+        out[m] = float(np.mean(finite)) if finite else float("nan")
+    out["cases"] = len(cases)
+    for outcome in OUTCOMES[1:]:
+        out[outcome] = int(sum(c["outcome"].count(outcome) for c in cases.values()))
+    return out
