@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0      # model input side; 0: the model's (1024 for SAM)
     c.data.batch_size = 4
     c.data.normalise = "unit"  # unit (FedFMS: x / 255) | sam (ImageNet mean/std)
+    c.data.resize = "stretch"  # stretch (to S x S, FedFMS) | longest_side (SAM's, zero-padded)
     c.data.prompt = "none"     # none (FedFMS's prompt-free mode) | box | points
     c.data.augment = False
     c.data.skip_bad = False    # skip (and count) bad files instead of stopping
@@ -59,7 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 5           # rounds between evaluations (and the last round)
-    c.eval.metrics = "sigmoid"  # sigmoid (> 0.5) | fedfms (threshold-averaged, compatibility)
+    # Per case on the original grid (volumes in 3-D, mm): any of dice, iou, hd95, nsd.
+    c.eval.metrics = "dice,iou,hd95,nsd"
+    c.eval.mode = "standard"   # standard (sigmoid > 0.5) | fedfms (thresholds 0.1..0.9 averaged)
+    c.eval.empty = "ignore"    # ignore (MONAI's ignore_empty) | score (both empty scores 1)
+    c.eval.nsd_tolerance_mm = 2.0  # Normalised Surface Dice tolerance
     c.eval.batch_size = 8
 
     c.checkpoint_every = 1     # rounds between checkpoints

@@ -1,11 +1,18 @@
 """Evaluate a saved run: the global model (or, local-only, each site's own) of its last
-checkpoint, on its sites' validation splits or its unseen site(s).
+checkpoint, on its sites' validation splits and its unseen site(s).
 
-    python -m fedfms_jax.evaluate --workdir runs/demo [--split val|test] [--round N]
+    python -m fedfms_jax.evaluate --workdir runs/demo [--split val|test|all] [--round N] [--json]
 
 The run is rebuilt from the workdir's config.json (the exact config it trained with), so
-the same data root and weights file must still be there. Prints the per-site table and
-appends one "eval" record (kind, round, split, per-site scores) to metrics.jsonl.
+the same data root and weights file must still be there. Every slice of every validation /
+test volume is predicted, mapped back to its original grid and scored per case (Dice, IoU,
+HD95 and NSD in mm; fedfms_jax.metrics). Prints the per-site table and appends one "eval"
+record per split (per-site means, counts and every case's figures) to metrics.jsonl; with
+--json the last line printed is one JSON object:
+    {"workdir": ..., "round": r, "splits": {split: {site: {"means": {metric: f},
+     "counts": {...}, "cases": {case id: {metric: f, "outcome": ...}}}}}}
+Case ids: a volume's case folder name (case7 for <site>/case7/image.nii.gz), an image's
+file stem. NaN (nothing to score, see fedfms_jax.metrics) is written as null.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from pathlib import Path
 import ml_collections
 
 from fedfms_jax.data.records import DataError
-from fedfms_jax.experiment import (CHECKPOINTS, ConfigError, Experiment, SiteScores,
-                                   eval_record, summary_rows)
+from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, ConfigError, Experiment,
+                                   SiteScores, eval_record, summary_rows)
 from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
-from fedfms_jax.run_log import RunLog, format_table
+from fedfms_jax.run_log import RunLog, json_safe, format_table
 from fedfms_jax.weights_file import WeightsError
 
 
@@ -40,17 +47,23 @@ def run_config(workdir: Path) -> ml_collections.ConfigDict:
         raise RunError(f"{path} is not valid JSON: {error}") from None
 
 
-def evaluate(workdir: str | Path, split: str = "val", round_index: int | None = None,
-             echo=print) -> dict[str, SiteScores]:
-    """Scores per site of the run in `workdir` at its last (or `round_index`) checkpoint."""
+def evaluate_run(workdir: str | Path, splits: tuple[str, ...] = ("val", "test"),
+                 round_index: int | None = None, echo=print) -> dict:
+    """{"round": r, "splits": {split: {site: SiteScores}}} of the run in `workdir` at its last
+    (or `round_index`) checkpoint; "test" is skipped when the run has no unseen site unless
+    it is the only split asked for (then RunError)."""
     workdir = Path(workdir).resolve()
-    if split not in ("val", "test"):
-        raise RunError(f"split must be 'val' or 'test', got {split!r}")
+    for split in splits:
+        if split not in ("val", "test"):
+            raise RunError(f"split must be 'val' or 'test', got {split!r}")
     config = run_config(workdir)
     experiment = Experiment(config)
-    if split == "test" and not experiment.plan.unseen_sites:
-        raise RunError(f"the run in {workdir} has no unseen site (data.unseen_site is empty), "
-                       "so there is no test split; use --split val")
+    unseen = experiment.plan.unseen_sites
+    if not unseen:
+        if tuple(splits) == ("test",):
+            raise RunError(f"the run in {workdir} has no unseen site (data.unseen_site is "
+                           "empty), so there is no test split; use --split val")
+        splits = tuple(s for s in splits if s != "test")
     checkpointer = FedCheckpointer(workdir / CHECKPOINTS, experiment.federation)
     try:
         if checkpointer.latest_round() is None:
@@ -58,13 +71,34 @@ def evaluate(workdir: str | Path, split: str = "val", round_index: int | None = 
         restored = checkpointer.restore(experiment.init_state(), round_index)
     finally:
         checkpointer.close()
-    scores = experiment.evaluate(restored.state, split)
-    unseen = experiment.plan.unseen_sites
-    RunLog(workdir, False).write(eval_record(restored.round, split, scores, unseen))
-    echo(f"{workdir} at round {restored.round}, split {split}:")
-    echo(format_table(["site", "dice", "iou", "hd95", "case dice", "images"],
-                      summary_rows(scores, unseen)))
-    return scores
+    out = {"round": int(restored.round), "splits": {}}
+    log = RunLog(workdir, False)
+    for split in splits:
+        scores = experiment.evaluate(restored.state, split)
+        log.write(eval_record(restored.round, split, scores, unseen))
+        echo(f"{workdir} at round {restored.round}, split {split}:")
+        echo(format_table(SUMMARY_HEADER, summary_rows(scores, unseen)))
+        out["splits"][split] = scores
+    return out
+
+
+def evaluate(workdir: str | Path, split: str = "val", round_index: int | None = None,
+             echo=print) -> dict[str, SiteScores]:
+    """Scores per site of one split of the run in `workdir` (see evaluate_run)."""
+    return evaluate_run(workdir, (split,), round_index, echo)["splits"][split]
+
+
+def as_json(workdir: Path, result: dict) -> dict:
+    """evaluate_run's result as the --json object (module docstring)."""
+    splits = {}
+    for split, scores in result["splits"].items():
+        splits[split] = {site: {"means": s.means(),
+                                "counts": {c: getattr(s, c) for c in
+                                           ("cases", "images", "missed", "spurious",
+                                            "both_empty")},
+                                "cases": s.per_case} for site, s in scores.items()}
+    return json_safe({"workdir": str(Path(workdir).resolve()), "round": result["round"],
+                   "splits": splits})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,16 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedfms_jax.evaluate",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a fedfms_jax.train run folder")
-    parser.add_argument("--split", choices=("val", "test"), default="val",
-                        help="val: the source sites' validation splits; test: the unseen site(s)")
+    parser.add_argument("--split", choices=("val", "test", "all"), default="all",
+                        help="val: the source sites' validation splits; test: the unseen "
+                             "site(s); all: both (test only when the run has an unseen site)")
     parser.add_argument("--round", type=int, default=None,
                         help="a saved round (default: the last one)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the figures as one JSON object on the last line")
     args = parser.parse_args(argv)
+    splits = ("val", "test") if args.split == "all" else (args.split,)
     try:
-        evaluate(args.workdir, args.split, args.round)
+        # With --json the tables go to stderr, so stdout's last line is the object alone.
+        echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
+        result = evaluate_run(args.workdir, splits, args.round, echo=echo)
     except (RunError, ConfigError, DataError, WeightsError, CheckpointMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(as_json(Path(args.workdir), result)))
     return 0
 
 

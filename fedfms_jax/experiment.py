@@ -11,9 +11,9 @@ The four algorithms are settings of one engine (FedFMS protocol in REFERENCE sec
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,14 +21,18 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from PIL import Image
 
-from fedfms_jax import metrics as metrics_lib
-from fedfms_jax.data import load_sites, make_dataset, make_pipeline
-from fedfms_jax.data.records import Record, Site
+from fedfms_jax import evaluation
+from fedfms_jax.data import load_sites, make_pipeline
+from fedfms_jax.data.preprocessing import DEFAULT_PERCENTILES, Preprocessing
+from fedfms_jax.data.readers import VOLUME_LAYOUTS
+from fedfms_jax.data.records import DEFAULT_KEEP_EMPTY, Record, Site, keep_empty_slices
+# Re-exported: the scores every driver (train, evaluate, Flower) reports.
+from fedfms_jax.evaluation import EvalSettings, SiteScores  # noqa: F401
 from fedfms_jax.fed.partition import config_for_mode, num_params
 from fedfms_jax.fed.round import FedConfig, Federation, FedState, RoundResult, plan_clients
 from fedfms_jax.models import Sam, get_config
+from fedfms_jax.models.sam import RESIZE_MODES
 from fedfms_jax.models.sam import extend
 from fedfms_jax.weights_file import load_sam
 
@@ -75,6 +79,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.root: {config.data.root} does not exist or is not a folder")
     if config.algorithm == "local" and config.train.server_optimizer != "none":
         raise ConfigError("algorithm=local has no server: train.server_optimizer must be 'none'")
+    try:
+        EvalSettings.from_config(config.eval)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.data.resize not in RESIZE_MODES:
+        raise ConfigError(f"data.resize={config.data.resize!r}; known: {', '.join(RESIZE_MODES)}")
 
 
 def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
@@ -110,34 +120,57 @@ def build_model(config: ml_collections.ConfigDict) -> Sam:
     return base if target == base.config else extend(base, target, rngs=rngs)
 
 
+def parse_label_map(text: str) -> dict[int, int] | None:
+    """data.label_map "1:1,2:1" -> {1: 1, 2: 1}; empty -> None."""
+    if not text:
+        return None
+    try:
+        return {int(a): int(b) for a, b in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        raise ConfigError(f"data.label_map={text!r}: expected raw:class pairs such as "
+                          "'1:1,2:1'") from None
+
+
 def load_data(config: ml_collections.ConfigDict) -> dict[str, Site]:
+    """The sites. Volume layouts are read with every slice; `keep_empty` then thins the
+    empty slices of the training sites' training records only, so validation and test
+    volumes are scored whole."""
     d = config.data
-    label_map = None
-    if d.label_map:
-        label_map = {int(a): int(b) for a, b in (pair.split(":") for pair in d.label_map.split(","))}
     options = d.options.to_dict()
     seed = options.pop("seed", config.seed)  # a data seed of its own, e.g. for pretraining
+    keep_empty = None
+    if d.layout in VOLUME_LAYOUTS:
+        keep_empty = options.pop("keep_empty", DEFAULT_KEEP_EMPTY)
+        options["keep_empty"] = 1.0
     sites = load_sites(d.layout, d.root or None, sites=d.sites or None, skip_bad=d.skip_bad,
-                       num_classes=config.model.num_classes, label_map=label_map,
+                       num_classes=config.model.num_classes,
+                       label_map=parse_label_map(d.label_map),
                        val_fraction=d.val_fraction, seed=seed, **options)
     if d.unseen_site and d.unseen_site not in sites:
         raise ConfigError(f"data.unseen_site={d.unseen_site!r} is not a site; sites: "
                           f"{', '.join(sites)}")
+    if keep_empty is not None:
+        for name, site in sites.items():
+            if name != d.unseen_site:  # the unseen site is only tested, on whole volumes
+                # crc32, not hash(): the readers' per-site seed, so the draw is theirs.
+                site.train = keep_empty_slices(site.train, keep_empty,
+                                               [seed, zlib.crc32(name.encode())])
     return sites
 
 
-@dataclasses.dataclass
-class SiteScores:
-    """Mean per-image metrics of one site, plus per-case Dice when slices form cases."""
-
-    dice: float
-    iou: float
-    hd95: float
-    case_dice: float
-    images: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def preprocessing_for(config: ml_collections.ConfigDict, model_config) -> Preprocessing:
+    """What the network of this run sees (written into final.safetensors)."""
+    d, o = config.data, config.data.options
+    label_map = parse_label_map(d.label_map)
+    window = o.get("window", None)
+    return Preprocessing(
+        image_size=model_config.image_size, low_res_size=model_config.low_res_size,
+        normalise=d.normalise, resize=d.resize, prompt=d.prompt,
+        num_classes=model_config.num_classes, class_head=model_config.num_classes > 1,
+        label_map=None if label_map is None else tuple(sorted(label_map.items())),
+        percentiles=tuple(float(v) for v in o.get("percentiles", DEFAULT_PERCENTILES)),
+        window=None if window is None else tuple(float(v) for v in window),
+        slab=int(o.get("slab", 3)), modality=o.get("modality", None))
 
 
 class Experiment:
@@ -167,6 +200,8 @@ class Experiment:
                           for k, records in enumerate(self.client_records)]
         self._template = None
         self._predict = _make_predict(self.federation.graphdef)
+        self.preprocessing = preprocessing_for(config, model.config)
+        self.eval_settings = EvalSettings.from_config(config.eval)
 
     # --- data -------------------------------------------------------------------------
 
@@ -174,7 +209,7 @@ class Experiment:
         d = self.config.data
         return dict(image_size=self.image_size, batch_size=d.batch_size,
                     low_res_size=self.model_config.low_res_size, normalise=d.normalise,
-                    prompt=d.prompt, num_classes=self.config.model.num_classes)
+                    resize=d.resize, prompt=d.prompt, num_classes=self.config.model.num_classes)
 
     def _train_pipeline(self, records: Sequence[Record], client: int):
         return make_pipeline(records, **self._pipeline_options(), seed=self.config.seed * 1000 + client,
@@ -248,46 +283,24 @@ class Experiment:
             if not records:
                 continue
             if local and split == "test":
-                per_client = [self.score(client_params(state, k), records)
-                              for k in range(len(self.plan.names))]
-                means = {f.name: float(np.nanmean([getattr(s, f.name) for s in per_client]))
-                         for f in dataclasses.fields(SiteScores)}
-                scores[site] = SiteScores(**{**means, "images": per_client[0].images})
+                scores[site] = evaluation.mean_scores(
+                    [self.score(client_params(state, k), records)
+                     for k in range(len(self.plan.names))])
             else:
                 scores[site] = self.score(self.params_for(state, site), records)
         return scores
 
-    def score(self, params: nnx.State, records: Sequence[Record]) -> SiteScores:
-        """Per-image metrics at the decoder's resolution (FedFMS scores at 256 x 256; HD95 in
-        pixels of that grid), averaged over images; Dice also per case (volume) from the
-        summed overlaps of its slices."""
-        per_image, case_ids = self._per_image_metrics(params, records)
-        cases = metrics_lib.per_case(per_image, case_ids)
-        case_dice = float(np.mean([c["dice"].mean() for c in cases.values()]))
-        with np.errstate(all="ignore"):
-            hd95 = float(np.nanmean(per_image["hd95"])) if np.isfinite(
-                per_image["hd95"]).any() else float("nan")
-        return SiteScores(dice=float(per_image["dice"].mean()), iou=float(per_image["iou"].mean()),
-                          hd95=hd95, case_dice=case_dice, images=len(case_ids))
+    def predict_fn(self, params: nnx.State):
+        """batch -> logits of the model with these trainable weights (evaluation's call)."""
+        frozen = self.federation.frozen
+        return lambda batch: self._predict(params, frozen, batch)
 
-    def _per_image_metrics(self, params, records):
-        dataset = make_dataset(records, **{**self._pipeline_options(),
-                                           "batch_size": self.config.eval.batch_size},
-                               seed=self.config.seed, shuffle=False, augment=False,
-                               drop_remainder=False, num_epochs=1)
-        fedfms_mode = self.config.eval.metrics == "fedfms"
-        collected, case_ids = [], []
-        for batch in dataset:
-            valid = batch["valid"]
-            logits = self._predict(params, self.federation.frozen,
-                                   {f: batch[f] for f in TRAIN_FIELDS if f in batch})
-            result = metrics_lib.segmentation_metrics(logits, batch["mask_low_res"])
-            if fedfms_mode:
-                result.update(metrics_lib.fedfms_metrics(logits, batch["mask_low_res"]))
-            collected.append({k: np.asarray(v)[valid] for k, v in result.items()})
-            case_ids += [records[i].case_id for i in batch["record_index"][valid]]
-        per_image = {k: np.concatenate([c[k] for c in collected]) for k in collected[0]}
-        return per_image, case_ids
+    def score(self, params: nnx.State, records: Sequence[Record],
+              predictions: dict | None = None) -> SiteScores:
+        """Per-case metrics (fedfms_jax.evaluation) of every record, on the original grids."""
+        return evaluation.score_records(records, self.predict_fn(params), self.preprocessing,
+                                        self.eval_settings, seed=self.config.seed,
+                                        predictions=predictions)
 
     def params_for(self, state: FedState, site: str) -> nnx.State:
         """The weights that predict for a site: the global model's, or in the local
@@ -299,17 +312,10 @@ class Experiment:
 
     def example_prediction(self, state: FedState, record: Record, site: str
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One record at the decoder's resolution L: (image u8[L, L, 3], ground truth
-        bool[L, L], prediction bool[L, L]); the first class when there are several."""
-        batch = next(iter(make_dataset([record], **{**self._pipeline_options(), "batch_size": 1},
-                                       seed=self.config.seed, shuffle=False, augment=False,
-                                       drop_remainder=False, num_epochs=1)))
-        logits = self._predict(self.params_for(state, site), self.federation.frozen,
-                               {f: batch[f] for f in TRAIN_FIELDS if f in batch})
-        low_res = self.model_config.low_res_size
-        image = np.asarray(Image.fromarray(np.asarray(record.image, np.uint8)).resize(
-            (low_res, low_res), Image.Resampling.BILINEAR))
-        return image, batch["mask_low_res"][0, ..., 0] > 0.5, np.asarray(logits)[0, ..., 0] > 0
+        """One record as evaluation scores it, shown at the decoder's resolution L:
+        (image u8[L, L, 3], ground truth bool[L, L], prediction bool[L, L]); the first class."""
+        return evaluation.example_prediction(record, self.predict_fn(self.params_for(state, site)),
+                                             self.preprocessing, self.eval_settings)
 
     def describe(self) -> str:
         plan = self.plan
@@ -338,18 +344,22 @@ def _make_predict(graphdef):
     return predict
 
 
+SUMMARY_HEADER = ["site", "dice", "iou", "hd95 mm", "nsd", "cases", "missed", "spurious"]
+
+
 def summary_rows(scores: dict[str, SiteScores], unseen: tuple[str, ...]) -> list[list]:
-    """Rows of the per-site table: site (marked when unseen), Dice, IoU, HD95, case Dice, images."""
-    return [[site + (" (unseen)" if site in unseen else ""), s.dice, s.iou, s.hd95, s.case_dice,
-             s.images] for site, s in scores.items()]
+    """Rows of the per-site table (SUMMARY_HEADER): means over cases and outcome counts."""
+    return [[site + (" (unseen)" if site in unseen else ""), s.dice, s.iou, s.hd95, s.nsd,
+             s.cases, s.missed, s.spurious] for site, s in scores.items()]
 
 
 def eval_record(round_index: int, split: str, scores: dict[str, SiteScores],
                 unseen: tuple[str, ...]) -> dict:
-    """The metrics.jsonl record of one evaluation: per-site scores, source mean, unseen."""
+    """The metrics.jsonl record of one evaluation: per site the means over cases, outcome
+    counts and every case's figures; the source sites' mean Dice and the unseen site's."""
     source = [s.dice for site, s in scores.items() if site not in unseen]
     held = [s.dice for site, s in scores.items() if site in unseen]
     return {"kind": "eval", "round": round_index, "split": split,
             "sites": {site: s.as_dict() for site, s in scores.items()},
-            "mean_dice_source": float(np.mean(source)) if source else None,
-            "dice_unseen": float(np.mean(held)) if held else None}
+            "mean_dice_source": float(np.nanmean(source)) if source else None,
+            "dice_unseen": float(np.nanmean(held)) if held else None}

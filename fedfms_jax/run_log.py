@@ -6,7 +6,9 @@ Records:
      "bytes_up_per_client": n, "bytes_down_per_client": n, "bytes_total": n,
      "bytes_cumulative": n, "seconds": f, "wall_time": f}
     {"kind": "eval", "round": r, "split": "val" | "test",
-     "sites": {site: {"dice": f, "iou": f, "hd95": f, "case_dice": f}},
+     "sites": {site: {"dice": f, "iou": f, "hd95": f, "nsd": f, "cases": n, "images": n,
+                      "missed": n, "spurious": n, "both_empty": n,
+                      "per_case": {case: {"dice": f, ..., "outcome": s}}}},
      "mean_dice_source": f, "dice_unseen": f | null, "wall_time": f}
 """
 
@@ -22,12 +24,12 @@ from typing import Any, Iterable
 METRICS_FILE = "metrics.jsonl"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe floats: NaN/inf become null."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -52,7 +54,7 @@ class RunLog:
             self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        record = _clean({**record, "wall_time": time.time()})
+        record = json_safe({**record, "wall_time": time.time()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:

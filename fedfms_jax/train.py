@@ -24,8 +24,8 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from fedfms_jax.data.records import DataError
-from fedfms_jax.experiment import (CHECKPOINTS, ConfigError, Experiment, eval_record,
-                                   summary_rows)
+from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, ConfigError, Experiment,
+                                   eval_record, summary_rows)
 from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.plot import PREDICTIONS_FILE
@@ -41,7 +41,8 @@ def save_final(experiment: Experiment, state, workdir: Path) -> Path:
     save_weights(path, flat_state(experiment.federation.global_model(state)),
                  experiment.model_config,
                  {"trained_by": "fedfms_jax.train", "mode": experiment.config.mode,
-                  "algorithm": experiment.config.algorithm, "rounds": str(int(state.round))})
+                  "algorithm": experiment.config.algorithm, "rounds": str(int(state.round))},
+                 preprocessing=experiment.preprocessing)
     return path
 
 
@@ -132,8 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
     save_final(experiment, state, workdir)
     save_predictions(experiment, state, workdir)
     scores = {**result["val"], **result.get("test", {})}
-    echo(format_table(["site", "dice", "iou", "hd95", "case dice", "images"],
-                      summary_rows(scores, unseen)))
+    echo(format_table(SUMMARY_HEADER, summary_rows(scores, unseen)))
     result.update(seconds=seconds, trainable_params=experiment.trainable_params,
                   total_params=experiment.total_params,
                   bytes_up_per_client_per_round=int(federation.trainable_bytes)

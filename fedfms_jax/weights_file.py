@@ -1,5 +1,7 @@
 """fedfms_jax weights files: safetensors with flat Flax paths as keys and the model's
-`SamConfig` in the metadata, so a file rebuilds its model with no other argument.
+`SamConfig` in the metadata, so a file rebuilds its model with no other argument, and the
+`Preprocessing` it was trained with (or official SAM's, for converted checkpoints), so it
+is applied as it was trained.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
+from fedfms_jax.data.preprocessing import Preprocessing
 from fedfms_jax.models import Sam, SamConfig
 
 FORMAT = "fedfms_jax.sam"
@@ -59,13 +62,27 @@ def check_shapes(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, 
         raise WeightsError("\n".join(lines))
 
 
+def check_preprocessing(preprocessing: Preprocessing, config: SamConfig, source: str) -> None:
+    """Raises WeightsError when the preprocessing does not fit the model's input and outputs."""
+    expected = {"image_size": config.image_size, "low_res_size": config.low_res_size,
+                "num_classes": config.num_classes}
+    wrong = [f"{k}={getattr(preprocessing, k)} but the model has {v}"
+             for k, v in expected.items() if getattr(preprocessing, k) != v]
+    if wrong:
+        raise WeightsError(f"{source}: preprocessing does not fit the model: " + "; ".join(wrong))
+
+
 def save_weights(path: str | os.PathLike, tensors: dict[str, np.ndarray], config: SamConfig,
-                 extra_metadata: dict[str, str] | None = None) -> None:
-    """Writes tensors (flat Flax paths) and the config; atomic, so an existing file at
-    `path` is never left half-written."""
+                 extra_metadata: dict[str, str] | None = None,
+                 preprocessing: Preprocessing | None = None) -> None:
+    """Writes tensors (flat Flax paths), the config and the preprocessing; atomic, so an
+    existing file at `path` is never left half-written."""
     check_shapes(tensors, expected_shapes(config), "weights to save")
     metadata = {"format": FORMAT, "variant": config.variant, "config": config.to_json(),
                 **(extra_metadata or {})}
+    if preprocessing is not None:
+        check_preprocessing(preprocessing, config, "weights to save")
+        metadata["preprocessing"] = preprocessing.to_json()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
@@ -80,15 +97,16 @@ def save_weights(path: str | os.PathLike, tensors: dict[str, np.ndarray], config
             os.remove(tmp)
 
 
-def read_weights(path: str | os.PathLike) -> tuple[SamConfig, dict[str, np.ndarray]]:
-    """The config and tensors of a fedfms_jax weights file, with clear errors for anything else."""
+def read_metadata(path: str | os.PathLike, *, tensors: bool = False
+                  ) -> tuple[dict[str, str], dict[str, np.ndarray] | None]:
+    """(metadata, tensors or None) of a fedfms_jax weights file; WeightsError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+        arrays = load_file(str(path)) if tensors else None
     except (SafetensorError, OSError, ValueError) as error:
         hint = (" (a PyTorch checkpoint? convert it first: python weights/convert.py SRC.pth "
                 "DST.safetensors)" if path.suffix in {".pth", ".pt", ".bin"} else "")
@@ -96,6 +114,12 @@ def read_weights(path: str | os.PathLike) -> tuple[SamConfig, dict[str, np.ndarr
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise WeightsError(f"{path} has no fedfms_jax model metadata (format={metadata.get('format')!r});"
                            " write it with weights/convert.py or fedfms_jax.weights_file.save_weights")
+    return metadata, arrays
+
+
+def read_weights(path: str | os.PathLike) -> tuple[SamConfig, dict[str, np.ndarray]]:
+    """The config and tensors of a fedfms_jax weights file, with clear errors for anything else."""
+    metadata, tensors = read_metadata(path, tensors=True)
     try:
         config = SamConfig.from_json(metadata["config"])
     except (ValueError, TypeError) as error:
@@ -113,3 +137,27 @@ def load_sam(path: str | os.PathLike, **config_overrides) -> Sam:
     for key_path, variable in nnx.to_flat_state(state):
         variable.set_value(jax.numpy.asarray(tensors[flat_path(key_path)]))
     return nnx.merge(graphdef, state)
+
+
+def read_preprocessing(path: str | os.PathLike) -> Preprocessing:
+    """The preprocessing a weights file records; WeightsError naming the file when it has
+    none (weights written before fedfms_jax recorded it) or it does not fit the model."""
+    metadata, _ = read_metadata(path)
+    if "preprocessing" not in metadata:
+        raise WeightsError(
+            f"{path} records no preprocessing (how images became model input), so it cannot "
+            "be applied as it was trained; retrain or re-save it with fedfms_jax, or re-convert "
+            "an official checkpoint with weights/convert.py")
+    try:
+        preprocessing = Preprocessing.from_json(metadata["preprocessing"])
+        config = SamConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"{path}: bad metadata: {error}") from None
+    check_preprocessing(preprocessing, config, str(path))
+    return preprocessing
+
+
+def load_trained(path: str | os.PathLike, **config_overrides) -> tuple[Sam, Preprocessing]:
+    """`load_sam` and the preprocessing the model was trained with (`read_preprocessing`)."""
+    preprocessing = read_preprocessing(path)
+    return load_sam(path, **config_overrides), preprocessing

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedfms_jax.data.preprocessing import Preprocessing
 from fedfms_jax.models import VARIANTS, SamConfig
 from fedfms_jax.weights_file import (WeightsError, check_shapes, expected_shapes,
                                      read_weights, save_weights)
@@ -321,8 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConversionError(f"checkpoint {args.src} does not exist")
             tensors, config = torch_to_flax(load_torch_state_dict(args.src), args.variant,
                                             lora_alpha=args.lora_alpha)
-            save_weights(args.dst, tensors, config,
-                         {"source": args.src.name})
+            # A plain SAM checkpoint is applied as official SAM applies it; one with
+            # adapters, LoRA or a class head was trained elsewhere in ways its tensors do not
+            # record, so it carries no preprocessing and predict asks for it.
+            plain = (config.adapter == "none" and not config.lora_rank
+                     and config.num_classes == 1)
+            preprocessing = (Preprocessing.official_sam(config.image_size, config.low_res_size)
+                             if plain else None)
+            save_weights(args.dst, tensors, config, {"source": args.src.name},
+                         preprocessing=preprocessing)
             count = sum(v.size for v in tensors.values())
             extras = [f"adapter={config.adapter}"] if config.adapter != "none" else []
             extras += [f"lora_rank={config.lora_rank}"] if config.lora_rank else []

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedfms_jax.data.records import (Collector, DataError, LabelSpec, Record, VolumeInfo,
-                                     natural_key, percentile_window, window_to_uint8)
+                                     natural_key, window_volume)
 from fedfms_jax.data.volumes import (SUFFIXES, grid_mismatch, label_on_image_grid, read_volume,
                                      resample_nearest, strip_volume_suffix)
 
@@ -200,15 +200,14 @@ def read_case(case: str, image_path: Path, label_path: Path, *, spec: LabelSpec,
     if label_values is None:
         label_values = resample_nearest(label, image)
     classes = spec.apply_values(label_values, label_path)
-    low, high = window if window is not None else percentile_window(image.voxels, percentiles)
-    volume = window_to_uint8(image.voxels, low, high)
+    volume = window_volume(image.voxels, window, percentiles)
 
     has_target = classes.reshape(len(classes), -1).any(axis=1)
     empty = np.flatnonzero(~has_target)
     rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
     kept_empty = rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
     keep = np.sort(np.concatenate([np.flatnonzero(has_target), kept_empty]))
-    spacing = image.spacing[1:]  # (row, col)
+    spacing = image.spacing  # (z, row, col): evaluation scores the volume in 3-D
     return [Record(functools.partial(slab_image, volume, int(z), slab), classes[z], case,
                    int(z), spacing, str(image_path)) for z in keep]
 

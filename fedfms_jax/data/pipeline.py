@@ -21,13 +21,12 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from fedfms_jax.data import prompts
 from fedfms_jax.data.records import Record, steps_per_epoch
-
-SAM_PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-SAM_PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+from fedfms_jax.models.sam import PIXEL_MEAN as SAM_PIXEL_MEAN  # noqa: F401 (re-exported)
+from fedfms_jax.models.sam import PIXEL_STD as SAM_PIXEL_STD  # noqa: F401
+from fedfms_jax.models.sam import content_shape, preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,27 +76,6 @@ def target_channels(mask: np.ndarray, num_classes: int, where: str = "") -> np.n
                      f"{num_classes}")
 
 
-def _fit(shape: tuple[int, int], size: int, resize: str) -> tuple[int, int]:
-    """(h, w) the content takes inside a size x size input."""
-    if resize == "stretch":
-        return size, size
-    scale = size / max(shape)
-    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
-
-
-def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """u8 or f32 [H,W,3] -> f32[h,w,3] on the 0..255 scale, bilinear (antialiased down)."""
-    if image.shape[:2] == tuple(hw):
-        return image.astype(np.float32)  # a copy, which the caller may modify
-    h, w = hw
-    if image.dtype == np.uint8:
-        resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR)
-        return np.asarray(resized, np.float32)
-    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
-                .resize((w, h), Image.BILINEAR) for c in range(image.shape[-1])]
-    return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
-
-
 def resize_nearest(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """[H,W,...] -> [h,w,...] by nearest neighbour at pixel centres (labels stay labels)."""
     h, w = hw
@@ -132,18 +110,10 @@ def make_example(record: Record, index: int, rng: np.random.Generator,
         if flip:
             image, target = image[:, ::-1], target[:, ::-1]
         image = np.ascontiguousarray(image)
-    content = _fit(image.shape[:2], o.image_size, o.resize)
-    content_low = _fit(image.shape[:2], o.low_res_size, o.resize)
-    image = resize_image(image, content)
-    mask = resize_nearest(target, content)
-    mask_low = resize_nearest(target, content_low)
-    if o.normalise == "sam":
-        image -= SAM_PIXEL_MEAN
-        image *= 1.0 / SAM_PIXEL_STD
-    else:
-        image *= np.float32(1 / 255)
-    image, mask, mask_low = (_pad(image, o.image_size), _pad(mask, o.image_size),
-                             _pad(mask_low, o.low_res_size))
+    image, content = preprocess(image, o.image_size, resize=o.resize, normalise=o.normalise)
+    content_low = content_shape(*target.shape[:2], o.low_res_size, o.resize)
+    mask = _pad(resize_nearest(target, content), o.image_size)
+    mask_low = _pad(resize_nearest(target, content_low), o.low_res_size)
 
     example = {}
     if o.per_component:

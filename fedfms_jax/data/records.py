@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,20 +57,23 @@ class Record:
     (picklable, e.g. `functools.partial`), and always read back as arrays:
       image: u8[H,W,3] (or f32[H,W,3] on the 0..255 scale)
       mask:  u8[H,W] class indices, or u8[H,W,C] binary channels (multi-label data)
-    `slice_index` is -1 for 2-D data; `spacing` is the (row, col) pixel size in mm when known;
-    `path` is the source file, for error messages.
+    `slice_index` is -1 for 2-D data; `spacing` is the pixel size in mm when known: (row, col)
+    for images, (z, row, col) for slices of a volume (evaluation scores those per volume,
+    in 3-D); `path` is the source file, for error messages.
     """
 
     __slots__ = ("_image", "_mask", "case_id", "slice_index", "spacing", "path")
 
     def __init__(self, image: ArrayOrLoader, mask: ArrayOrLoader, case_id: str,
-                 slice_index: int = -1, spacing: tuple[float, float] | None = None,
+                 slice_index: int = -1, spacing: tuple[float, ...] | None = None,
                  path: str = ""):
         self._image = image
         self._mask = mask
         self.case_id = str(case_id)
         self.slice_index = int(slice_index)
-        self.spacing = None if spacing is None else (float(spacing[0]), float(spacing[1]))
+        if spacing is not None and len(spacing) not in (2, 3):
+            raise ValueError(f"spacing {tuple(spacing)}: expected (row, col) or (z, row, col)")
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.path = str(path)
 
     @property
@@ -249,6 +253,14 @@ def percentile_window(values: Array, percentiles: tuple[float, float]) -> tuple[
     return float(low), float(high)
 
 
+def window_volume(voxels: Array, window: tuple[float, float] | None,
+                  percentiles: tuple[float, float]) -> Array:
+    """A volume's intensities -> u8 of the same shape: the fixed `window` (e.g. CT's), else
+    the volume's own `percentiles` (so each scan is windowed on its own range)."""
+    low, high = window if window is not None else percentile_window(voxels, percentiles)
+    return window_to_uint8(voxels, low, high)
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelSpec:
     """How raw mask values become classes.
@@ -398,3 +410,32 @@ def to_uint8_image(image: Array, path: Any,
     elif not (low >= 0 and high <= 255):
         image = window_to_uint8(image, *percentile_window(image, percentiles))
     return image_to_rgb(np.clip(np.round(image), 0, 255).astype(np.uint8), path)
+
+
+# The volume readers' default share of slices without foreground kept for training.
+DEFAULT_KEEP_EMPTY = 0.1
+
+
+def keep_empty_slices(records: Sequence[Record], keep_empty: float, seed: Sequence[int],
+                      ) -> list[Record]:
+    """Training records with only a share `keep_empty` of each volume's slices without
+    foreground, drawn per case from `seed` (as FedFMS keeps mostly slices that show the
+    target); images (slice_index -1) and slices with foreground are all kept. Evaluation
+    splits are never subsampled: their scores are per whole volume.
+    """
+    if not 0.0 <= keep_empty <= 1.0:
+        raise ValueError(f"keep_empty must be in [0, 1], got {keep_empty}")
+    if keep_empty == 1.0:
+        return list(records)
+    by_case: dict[str, list[Record]] = {}
+    for record in records:
+        if record.slice_index >= 0:
+            by_case.setdefault(record.case_id, []).append(record)
+    dropped: set[int] = set()
+    for case, slices in by_case.items():
+        slices = sorted(slices, key=lambda r: r.slice_index)
+        empty = np.array([r.slice_index for r in slices if not np.any(r.mask)], np.int64)
+        rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
+        kept = set(rng.choice(empty, size=round(keep_empty * len(empty)), replace=False).tolist())
+        dropped |= {id(r) for r in slices if r.slice_index in set(empty.tolist()) - kept}
+    return [r for r in records if id(r) not in dropped]

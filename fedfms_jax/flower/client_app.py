@@ -87,8 +87,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     log(INFO, "site %d (%s): %s Dice %.4f on %d images", site.index, site.name, split,
         scores.dice, scores.images)
     return Message(RecordDict({
+        # Site means and counts travel; the per-case figures stay on the site.
         "metrics": MetricRecord({"num-examples": scores.images, "dice": scores.dice,
-                                 "iou": scores.iou, "hd95": scores.hd95,
-                                 "case-dice": scores.case_dice, "site-index": site.index}),
+                                 "iou": scores.iou, "hd95": scores.hd95, "nsd": scores.nsd,
+                                 "cases": scores.cases, "missed": scores.missed,
+                                 "spurious": scores.spurious, "both-empty": scores.both_empty,
+                                 "site-index": site.index}),
     }), reply_to=msg)
 

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from fedfms_jax.experiment import (ALGORITHMS, ConfigError, SiteScores, build_model,
-                                   eval_record)
+                                   eval_record, preprocessing_for)
 from fedfms_jax.fed.aggregate import sample_clients
 from fedfms_jax.fed.partition import split
 from fedfms_jax.fed.round import FedConfig, plan_clients
@@ -309,7 +309,9 @@ class Server:
                     m = outcome.replies[s.node].content["metrics"]
                     scores[s.name] = SiteScores(
                         dice=float(m["dice"]), iou=float(m["iou"]), hd95=float(m["hd95"]),
-                        case_dice=float(m["case-dice"]), images=int(m["num-examples"]))
+                        nsd=float(m["nsd"]), cases=int(m["cases"]),
+                        images=int(m["num-examples"]), missed=int(m["missed"]),
+                        spurious=int(m["spurious"]), both_empty=int(m["both-empty"]))
             if scores:
                 self.write(eval_record(done, split_, scores, tuple(s.name for s in unseen)))
 
@@ -324,7 +326,8 @@ class Server:
         path = Path(self.settings.workdir) / FINAL_WEIGHTS
         save_weights(path, flat_state(model), self.model_config,
                      {"trained_by": "fedfms_jax.flower", "mode": self.config.mode,
-                      "algorithm": self.config.algorithm, "rounds": str(self.config.rounds)})
+                      "algorithm": self.config.algorithm, "rounds": str(self.config.rounds)},
+                     preprocessing=preprocessing_for(self.config, self.model_config))
         return str(path)
 
 

@@ -123,16 +123,55 @@ def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def preprocess(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """A uint8 image [H, W, 3] -> (model input f32[S, S, 3], resized size (h, w)).
+RESIZE_MODES = ("longest_side", "stretch")
+NORMALISATIONS = ("sam", "unit")
 
-    Resizes the longest side to S with PIL bilinear (as SAM's ResizeLongestSide), normalises
-    with SAM's pixel mean/std and pads bottom/right with zeros.
+
+def content_shape(height: int, width: int, size: int, resize: str) -> tuple[int, int]:
+    """(h, w) the image takes inside a size x size model input: the longest side scaled to
+    `size` (SAM's ResizeLongestSide, then zero padding) or stretched to size x size."""
+    if resize == "stretch":
+        return size, size
+    if resize != "longest_side":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    h, w = resized_shape(height, width, size)
+    return max(1, h), max(1, w)
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """u8 or f32 [H, W, 3] on the 0..255 scale -> f32[h, w, 3], PIL bilinear (antialiased
+    when shrinking, as SAM's ResizeLongestSide); u8 stays u8 through PIL, as SAM's does."""
+    if image.shape[:2] == tuple(hw):
+        return image.astype(np.float32)  # a copy, which the caller may modify
+    h, w = hw
+    if image.dtype == np.uint8:
+        resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR)
+        return np.asarray(resized, np.float32)
+    channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
+                .resize((w, h), Image.BILINEAR) for c in range(image.shape[-1])]
+    return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
+
+
+def preprocess(image: np.ndarray, image_size: int, *, resize: str = "longest_side",
+               normalise: str = "sam") -> tuple[np.ndarray, tuple[int, int]]:
+    """An image u8 (or f32 on 0..255) [H, W, 3] -> (model input f32[S, S, 3], content (h, w)).
+
+    The one place where an image becomes model input (training pipeline, evaluation and
+    predict all call it): resize (`content_shape`), normalise with SAM's pixel mean/std
+    ('sam') or scale to [0, 1] ('unit', as FedFMS), zero-pad bottom/right to S x S.
+    The defaults are official SAM's preprocessing.
     """
-    h, w = resized_shape(image.shape[0], image.shape[1], image_size)
-    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
-    x = (resized.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
-    x = np.pad(x, ((0, image_size - h), (0, image_size - w), (0, 0)))
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+    h, w = content_shape(image.shape[0], image.shape[1], image_size, resize)
+    x = resize_image(image, (h, w))
+    if normalise == "sam":
+        x -= PIXEL_MEAN
+        x *= 1.0 / PIXEL_STD
+    else:
+        x *= np.float32(1 / 255)
+    if (h, w) != (image_size, image_size):
+        x = np.pad(x, ((0, image_size - h), (0, image_size - w), (0, 0)))
     return x, (h, w)
 
 
