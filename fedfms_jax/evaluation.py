@@ -209,11 +209,6 @@ def to_original(logits: np.ndarray, original_size: tuple[int, int],
     return np.asarray(postprocess_masks(logits, content, tuple(original_size), prep.image_size))
 
 
-def label_maps(logits: np.ndarray, thresholds: Sequence[float]) -> list[np.ndarray]:
-    """Per threshold, u8 label maps of logits f32[..., C] (metrics.label_map)."""
-    return [metrics_lib.label_map(logits, t) for t in thresholds]
-
-
 def example_options(prep: Preprocessing) -> ExampleOptions:
     return ExampleOptions(image_size=prep.image_size, low_res_size=prep.low_res_size,
                           num_classes=prep.num_classes, normalise=prep.normalise,
@@ -224,21 +219,43 @@ def example_options(prep: Preprocessing) -> ExampleOptions:
 MODEL_FIELDS = ("image", "boxes", "point_coords", "point_labels")
 
 
+def predict_labels(n: int, batch_for: Callable[[range], dict[str, np.ndarray]],
+                   predict_fn: PredictFn, prep: Preprocessing, original_size: tuple[int, int],
+                   thresholds: Sequence[float], batch_size: int,
+                   progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
+    """Label maps u8[n, H, W] (one per threshold) of n slices of one original size; the
+    model input of slices `indices` comes from batch_for(indices), batch_size at a time
+    (so a 1024-px volume never sits in memory as model input)."""
+    out: list[list[np.ndarray]] = [[] for _ in thresholds]
+    for start in range(0, n, batch_size):
+        indices = range(start, min(n, start + batch_size))
+        logits = to_original(forward(batch_for(indices), predict_fn, batch_size),
+                             original_size, prep)
+        for maps, threshold in zip(out, thresholds):
+            maps.append(metrics_lib.label_map(logits, threshold))
+        progress(len(indices))
+    return [np.concatenate(maps) for maps in out]
+
+
 def predict_case(records: Sequence[Record], case: Case, predict_fn: PredictFn,
                  prep: Preprocessing, settings: EvalSettings, seed: int = 0
                  ) -> tuple[list[np.ndarray], np.ndarray]:
     """(per threshold u8[Z,H,W] (volume) or u8[H,W] (image) label maps, truth bool[...,C])."""
     options = example_options(prep)
-    examples = [make_example(records[i], i, np.random.default_rng([seed, i]), options)
-                for i in case.indices]
-    batch = {f: np.stack([e[f] for e in examples]) for f in MODEL_FIELDS if f in examples[0]}
-    logits = forward(batch, predict_fn, settings.batch_size)
     masks = [target_channels(np.asarray(records[i].mask), prep.num_classes,
                              records[i].path or case.key) for i in case.indices]
     original = masks[0].shape[:2]
     if any(m.shape[:2] != original for m in masks):
         raise ValueError(f"case {case.key!r}: slices of different sizes")
-    maps = label_maps(to_original(logits, original, prep), settings.thresholds)
+
+    def batch_for(positions):
+        examples = [make_example(records[case.indices[p]], case.indices[p],
+                                 np.random.default_rng([seed, case.indices[p]]), options)
+                    for p in positions]
+        return {f: np.stack([e[f] for e in examples]) for f in MODEL_FIELDS if f in examples[0]}
+
+    maps = predict_labels(len(case.indices), batch_for, predict_fn, prep, original,
+                          settings.thresholds, settings.batch_size)
     truth = np.stack(masks)
     if not case.is_volume:
         maps, truth = [m[0] for m in maps], truth[0]

@@ -1,12 +1,29 @@
-"""Segment one image with SAM from box and/or point prompts given in original pixels.
+"""Apply a model exactly as it was trained: to images (PNG, JPG, TIFF, BMP) and volumes
+(NIfTI), one file, several, or folders of them.
 
-    python -m fedfms_jax.predict --weights sam_vit_b.safetensors --image scan.png \
+    python -m fedfms_jax.predict --weights runs/prostate/final.safetensors \
+        --input scan.nii.gz --out scan_label.nii.gz [--overlay] [--force]
+    python -m fedfms_jax.predict --weights W --input images/ --input more.png --out masks/
+    python -m fedfms_jax.predict --weights sam_vit_b.safetensors --input scan.png \
         --box 40,60,200,220 [--point 120,140,1 ...] [--multimask] --out mask.png \
         [--save-logits logits.npy]
 
-Writes the binary mask at the image's original size (the highest-IoU mask with
---multimask), prints the predicted IoUs, and optionally saves the selected low-resolution
-logits as float32 [N, L, L] (N = 3 with --multimask, else 1; L = 256 for a 1024 model).
+The weights file records how the model was trained (`Preprocessing`: normalisation, resize,
+2.5-D slab, intensity window, prompts, classes); predict reads it and applies the same
+chain the training pipeline and `evaluate` use, so its masks are the ones evaluation
+scored. A model trained prompt-free takes no prompt; a prompted one (and official SAM)
+needs --box and/or --point in the original image's pixels (single images only).
+
+Outputs: an image gets a PNG mask at its original size (0/255 for one class, else the
+label values 0..C); a volume gets a label volume (u8, values 0..C) with the input's shape,
+affine and header geometry, predicted slice by slice with the trained 2.5-D context.
+A single input writes `--out` itself; several inputs or a folder write into the folder
+`--out`, mirroring each input's path below its folder (label files such as label.nii.gz or
+masks/ folders are skipped). `--overlay` adds `<output>_overlay.png`: the predicted contour
+over the image (for a volume, over its slice with the most foreground).
+An existing output is never overwritten without --force; bad input (an unreadable file, a
+volume the model cannot take, weights without preprocessing metadata) stops with a message
+naming the file and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -14,20 +31,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from tqdm import tqdm
 
-from fedfms_jax.models import Sam, postprocess_masks, preprocess, transform_coords
-from fedfms_jax.weights_file import WeightsError, load_sam
+from fedfms_jax import evaluation
+from fedfms_jax.data.preprocessing import (Preprocessing, model_input, slab_image,
+                                           volume_to_uint8)
+from fedfms_jax.data.records import DataError
+from fedfms_jax.data.readers import IMAGE_SUFFIXES, load_image_file
+from fedfms_jax.metrics import label_map, surface
+from fedfms_jax.models import Sam, postprocess_masks, transform_coords
+from fedfms_jax.weights_file import WeightsError, load_trained
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# Files and folders a data set keeps its labels in: not inputs when a folder is given.
+LABEL_STEMS = ("label", "labels", "mask", "seg")
+LABEL_FOLDERS = ("masks", "labels", "labelsTr", "labelsTs")
+CONTOUR_COLOURS = np.array([[255, 255, 0], [0, 255, 255], [255, 0, 255], [255, 128, 0],
+                            [0, 255, 0], [255, 0, 0]], np.uint8)
 
 
 class InputError(ValueError):
-    """A bad image or prompt; the message names it."""
+    """A bad input file, prompt or output path; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,25 +69,23 @@ class Prediction:
     low_res_logits: np.ndarray  # f32[L, L, M]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Any PIL-readable image (grey, RGB, 16-bit) -> uint8 [H, W, 3]."""
+def volume_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+
+
+def is_input_file(path: Path) -> bool:
+    return volume_suffix(path) is not None or path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_image(path: Path, prep: Preprocessing) -> np.ndarray:
+    """An image file -> u8[H, W, 3] exactly as the training readers make it."""
+    if not path.is_file():
+        raise InputError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
-            image.load()
-    except FileNotFoundError:
-        raise InputError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"cannot read image {path}: {error}") from None
-    array = np.asarray(image)
-    if array.dtype != np.uint8:  # 16-bit or float: stretch the value range to 0..255
-        array = array.astype(np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = ((array - low) / max(high - low, 1e-12) * 255).round().astype(np.uint8)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise InputError(f"image {path} has shape {array.shape}; expected grey, RGB or RGBA")
-    return np.ascontiguousarray(array[..., :3])
+        return load_image_file(path, prep.percentiles)
+    except DataError as error:
+        raise InputError(f"cannot read image {error}") from None
 
 
 def parse_numbers(text: str, count: int, what: str) -> list[float]:
@@ -86,6 +116,48 @@ def check_prompts(boxes: np.ndarray | None, points: np.ndarray | None,
                                  "0 (background)")
 
 
+# --- the model as it was trained ---------------------------------------------------------
+
+
+def segment_fn(model: Sam) -> Callable[[dict], np.ndarray]:
+    """batch (make_example fields) -> logits f32[B, L, L, C]: the trained forward
+    (`Sam.segment`, prompt-free or with the batch's prompts), as evaluation calls it."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, batch):
+        return nnx.merge(graphdef, state).segment(
+            batch["image"], point_coords=batch.get("point_coords"),
+            point_labels=batch.get("point_labels"), boxes=batch.get("boxes"))
+
+    return lambda batch: run(state, batch)
+
+
+def predict_image(predict_fn, image: np.ndarray, prep: Preprocessing, batch_size: int,
+                  prompts: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """u8[H, W, 3] -> (labels u8[H, W], low-res logits f32[L, L, C]); prompts in
+    model-input pixels, without the batch axis."""
+    x, _ = model_input(image, prep)
+    batch = {"image": x[None], **{k: v[None] for k, v in (prompts or {}).items()}}
+    logits = evaluation.forward(batch, predict_fn, batch_size)
+    labels = label_map(evaluation.to_original(logits, image.shape[:2], prep))[0]
+    return labels, logits[0]
+
+
+def predict_volume(predict_fn, voxels: np.ndarray, prep: Preprocessing, batch_size: int,
+                   progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """Intensities f32[Z, H, W] (the volume readers' slice layout) -> labels u8[Z, H, W],
+    each slice predicted with its trained 2.5-D context."""
+    volume = volume_to_uint8(voxels, prep)
+
+    def batch_for(indices):
+        return {"image": np.stack([model_input(slab_image(volume, z, prep.slab), prep)[0]
+                                   for z in indices])}
+
+    return evaluation.predict_labels(len(volume), batch_for, predict_fn, prep, volume.shape[1:],
+                                     (0.0,), batch_size, progress)[0]
+
+
 @nnx.jit(static_argnames=("multimask_output",))
 def _forward(model: Sam, image, point_coords, point_labels, boxes, multimask_output: bool):
     return model(image, point_coords=point_coords, point_labels=point_labels, boxes=boxes,
@@ -94,64 +166,281 @@ def _forward(model: Sam, image, point_coords, point_labels, boxes, multimask_out
 
 def predict(model: Sam, image: np.ndarray, *, box: np.ndarray | None = None,
             points: np.ndarray | None = None, labels: np.ndarray | None = None,
-            multimask_output: bool = False) -> Prediction:
-    """Prompts in original pixel coordinates on a uint8 image [H, W, 3] -> Prediction."""
+            multimask_output: bool = False, prep: Preprocessing | None = None) -> Prediction:
+    """Official SAM's prompted forward: prompts in original pixel coordinates on a uint8
+    image [H, W, 3] -> Prediction (masks for each of the decoder's candidate outputs)."""
     size = model.config.image_size
+    prep = prep or Preprocessing.official_sam(size, model.config.low_res_size)
     original_size = image.shape[:2]
     check_prompts(box, points, labels, original_size)
-    model_input, input_size = preprocess(image, size)
+    x, input_size = model_input(image, prep)
     coords = None if points is None else jnp.asarray(transform_coords(points, original_size, size))[None]
     point_labels = None if labels is None else jnp.asarray(labels, jnp.int32)[None]
     boxes = None
     if box is not None:
         boxes = jnp.asarray(transform_coords(np.reshape(box, (2, 2)), original_size, size))
         boxes = boxes.reshape(1, 4)
-    logits, iou = _forward(model, jnp.asarray(model_input)[None], coords, point_labels, boxes,
+    logits, iou = _forward(model, jnp.asarray(x)[None], coords, point_labels, boxes,
                            multimask_output)
     masks = postprocess_masks(logits, input_size, original_size, size) > 0.0
     return Prediction(np.asarray(masks[0]), np.asarray(iou[0]), np.asarray(logits[0]))
 
 
+# --- volumes ------------------------------------------------------------------------------
+
+
+def read_volume(path: Path, modality: int | None):
+    """(voxels f32[Z, H, W] in the volume readers' slice layout, spacing (z, row, col) mm,
+    handle for `write_label_volume`); InputError naming the file."""
+    import nibabel as nib
+
+    from fedfms_jax.data.nifti import load_volume
+
+    try:
+        voxels, zooms = load_volume(path, modality)  # closest RAS [X, Y, Z]
+        original = nib.load(str(path))
+    except DataError as error:
+        raise InputError(f"cannot read volume {error}") from None
+    # RAS [X, Y, Z] -> [Z, H, W] with anterior at the top (nifti.read_case's layout).
+    slices = np.ascontiguousarray(np.transpose(voxels, (2, 1, 0))[:, ::-1, :])
+    return slices, (zooms[2], zooms[1], zooms[0]), original
+
+
+def write_label_volume(labels: np.ndarray, like, out_path: Path) -> Path:
+    """labels u8[Z, H, W] (slice layout) -> a NIfTI label volume in the input's voxel order,
+    shape, affine and header geometry."""
+    import nibabel as nib
+    from nibabel import orientations
+
+    ras = np.transpose(labels[:, ::-1, :], (2, 1, 0))
+    to_file = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")),
+                                          orientations.io_orientation(like.affine))
+    data = orientations.apply_orientation(ras, to_file).astype(np.uint8)
+    spatial = tuple(like.shape[:3]) if len(like.shape) >= 3 else tuple(like.shape)
+    data = data.reshape(spatial)
+    header = like.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(spatial)
+    image = nib.Nifti1Image(data, like.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(out_path))
+    return out_path
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """u8[H, W, 3] with each class's predicted contour drawn in its colour."""
+    out = np.array(image, np.uint8, copy=True)
+    for c in range(1, int(labels.max(initial=0)) + 1):
+        out[surface(labels == c)] = CONTOUR_COLOURS[(c - 1) % len(CONTOUR_COLOURS)]
+    return out
+
+
+def mask_png(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Binary masks as 0/255 (visible in any viewer); label maps keep their values 0..C."""
+    return (labels * 255).astype(np.uint8) if num_classes == 1 else labels.astype(np.uint8)
+
+
+def overlay_path(out: Path) -> Path:
+    suffix = volume_suffix(out) or out.suffix
+    return out.with_name(out.name[: len(out.name) - len(suffix)] + "_overlay.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    source: Path
+    out: Path
+    volume: bool
+
+
+def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
+    """(input, output) pairs: one file -> `out` itself; else each file below `out`."""
+    if not inputs:
+        raise InputError("no input: give --input FILE or FOLDER")
+    files: list[tuple[Path, Path]] = []  # (file, path relative to the output folder)
+    for path in inputs:
+        if path.is_dir():
+            found = [p for p in sorted(path.rglob("*")) if p.is_file() and is_input_file(p)
+                     and not p.name.startswith(".")
+                     and p.name.split(".")[0].lower() not in LABEL_STEMS
+                     and not set(p.relative_to(path).parts[:-1]) & set(LABEL_FOLDERS)]
+            if not found:
+                raise InputError(f"folder {path} holds no image or volume file "
+                                 f"({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})")
+            files += [(p, p.relative_to(path)) for p in found]
+        elif path.exists() or is_input_file(path):
+            if not is_input_file(path):
+                raise InputError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a "
+                                 f"volume ({', '.join(VOLUME_SUFFIXES)})")
+            files.append((path, Path(path.name)))
+        else:
+            raise InputError(f"input {path} does not exist")
+    single = len(files) == 1 and not inputs[0].is_dir()
+    jobs = []
+    for source, relative in files:
+        volume = volume_suffix(source) is not None
+        if single:
+            target = out
+        else:
+            suffix = volume_suffix(source) if volume else source.suffix
+            stem = relative.name[: len(relative.name) - len(suffix)]
+            target = out / relative.parent / (stem + (suffix if volume else ".png"))
+        jobs.append(Job(source, target, volume))
+    if single and jobs[0].volume and volume_suffix(out) is None:
+        raise InputError(f"--out {out}: a volume's labels are written as NIfTI (.nii.gz / .nii)")
+    targets = [j.out for j in jobs]
+    if len(set(targets)) != len(targets):
+        raise InputError("two inputs would write the same output; give them separately")
+    return jobs
+
+
+def check_outputs(paths: Sequence[Path], force: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        shown = ", ".join(map(str, existing[:5])) + (" ..." if len(existing) > 5 else "")
+        raise InputError(f"{len(existing)} output(s) exist already: {shown}; pass --force to "
+                         "overwrite them")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedfms_jax.predict",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, required=True, help="fedfms_jax .safetensors")
-    parser.add_argument("--image", type=Path, required=True)
-    parser.add_argument("--box", help="x0,y0,x1,y1 in original pixels")
+    parser.add_argument("--input", "--image", dest="inputs", type=Path, action="append",
+                        default=[], help="an image, a volume or a folder of them; repeatable")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output file (one input) or folder (several, or a folder)")
+    parser.add_argument("--box", help="x0,y0,x1,y1 in original pixels (prompted models)")
     parser.add_argument("--point", action="append", default=[],
                         help="x,y,label (1 foreground, 0 background); repeatable")
-    parser.add_argument("--multimask", action="store_true", help="predict 3 candidate masks")
-    parser.add_argument("--out", type=Path, required=True, help="binary mask PNG to write")
+    parser.add_argument("--multimask", action="store_true",
+                        help="official SAM: predict 3 candidate masks, write the best")
     parser.add_argument("--save-logits", type=Path, help="write low-res logits f32[N, L, L] (.npy)")
+    parser.add_argument("--overlay", action="store_true",
+                        help="also write <output>_overlay.png with the contour over the image")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     parser.add_argument("--variant", help="refuse weights of any other variant")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype")
     args = parser.parse_args(argv)
-    if args.box is None and not args.point:
-        parser.error("give at least one prompt: --box and/or --point")
     try:
-        box = None if args.box is None else np.array(parse_numbers(args.box, 4, "--box"))
-        point_values = [parse_numbers(p, 3, "--point") for p in args.point]
-        points = np.array([p[:2] for p in point_values]) if point_values else None
-        labels = np.array([p[2] for p in point_values]) if point_values else None
-        image = read_image(args.image)
-        model = load_sam(args.weights, dtype=args.dtype)
-        if args.variant and model.config.variant != args.variant:
-            raise WeightsError(f"{args.weights} holds a {model.config.variant} model, "
-                               f"not {args.variant}")
-        result = predict(model, image, box=box, points=points, labels=labels,
-                         multimask_output=args.multimask)
-    except (InputError, WeightsError) as error:
+        return run(args)
+    except (InputError, WeightsError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run(args) -> int:
+    prompted = args.box is not None or bool(args.point)
+    box = None if args.box is None else np.array(parse_numbers(args.box, 4, "--box"))
+    point_values = [parse_numbers(p, 3, "--point") for p in args.point]
+    points = np.array([p[:2] for p in point_values]) if point_values else None
+    labels = np.array([p[2] for p in point_values]) if point_values else None
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size} must be >= 1")
+    jobs = collect_jobs(args.inputs, args.out)
+    model, prep = load_trained(args.weights, dtype=args.dtype)
+    if args.variant and model.config.variant != args.variant:
+        raise WeightsError(f"{args.weights} holds a {model.config.variant} model, "
+                           f"not {args.variant}")
+    if prep.prompt_free and prompted:
+        raise InputError(f"{args.weights} was trained prompt-free: it takes no --box/--point "
+                         "(prompts would change what it computes)")
+    if not prep.prompt_free:
+        if not prompted:
+            raise InputError(f"{args.weights} needs prompts (trained with prompt="
+                             f"{prep.prompt!r}): give --box and/or --point")
+        if len(jobs) != 1 or jobs[0].volume:
+            raise InputError("prompts are in one image's pixels: a prompted model takes one "
+                             "image per call, not a folder or a volume")
+    if (args.multimask or args.save_logits) and (len(jobs) != 1 or jobs[0].volume):
+        raise InputError("--multimask and --save-logits apply to a single image")
+    if args.multimask and prep.prompt != "any":
+        raise InputError(f"--multimask is official SAM's; {args.weights} was trained with "
+                         f"prompt={prep.prompt!r} and has one output per class")
+    outputs = [j.out for j in jobs] + ([overlay_path(j.out) for j in jobs] if args.overlay
+                                       else []) + ([args.save_logits] if args.save_logits else [])
+    check_outputs(outputs, args.force)
+
+    if prep.prompt == "any":
+        return _official(model, prep, jobs[0], box, points, labels, args)
+    predict_fn = segment_fn(model)
+    progress = tqdm(jobs, desc="predict", unit="file", disable=None, file=sys.stderr)
+    for job in progress:
+        progress.set_postfix_str(job.source.name)
+        if job.volume:
+            voxels, spacing, like = read_volume(job.source, prep.modality)
+            result = predict_volume(predict_fn, voxels, prep, args.batch_size)
+            write_label_volume(result, like, job.out)
+            if args.overlay:
+                z = int(np.argmax(result.reshape(len(result), -1).sum(1))) if result.any() \
+                    else len(result) // 2
+                image = slab_image(volume_to_uint8(voxels, prep), z, 1)
+                Image.fromarray(overlay(image, result[z])).save(overlay_path(job.out))
+            summary = (f"{job.source}: {result.shape[0]}x{result.shape[1]}x{result.shape[2]} "
+                       f"slices, {int((result > 0).sum())} foreground voxels -> {job.out}")
+        else:
+            image = read_image(job.source, prep)
+            prompts = _segment_prompts(box, points, labels, image.shape[:2], prep)
+            result, logits = predict_image(predict_fn, image, prep, args.batch_size, prompts)
+            job.out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask_png(result, prep.num_classes)).save(job.out)
+            if args.overlay:
+                Image.fromarray(overlay(image, result)).save(overlay_path(job.out))
+            if args.save_logits:
+                np.save(args.save_logits, np.moveaxis(logits, -1, 0).astype(np.float32))
+            summary = (f"{job.source}: {result.shape[1]}x{result.shape[0]}, "
+                       f"{int((result > 0).sum())} foreground pixels -> {job.out}")
+        if len(jobs) == 1:
+            print(summary)
+    if len(jobs) > 1:
+        print(f"wrote {len(jobs)} predictions under {args.out}")
+    return 0
+
+
+def _segment_prompts(box, points, labels, size, prep: Preprocessing) -> dict | None:
+    """The prompts of a model trained with them, in model-input pixels."""
+    if prep.prompt_free:
+        return None
+    check_prompts(box, points, labels, size)
+    if prep.resize == "stretch":
+        scale = np.array([prep.image_size / size[1], prep.image_size / size[0]], np.float32)
+        to_input = lambda xy: np.asarray(xy, np.float32) * scale
+    else:
+        to_input = lambda xy: transform_coords(xy, size, prep.image_size)
+    prompts = {}
+    if box is not None:
+        prompts["boxes"] = to_input(np.reshape(box, (2, 2))).reshape(4)
+    if points is not None:
+        prompts["point_coords"] = to_input(points)
+        prompts["point_labels"] = np.asarray(labels, np.int32)
+    return prompts
+
+
+def _official(model, prep, job: Job, box, points, labels, args) -> int:
+    """Official SAM's prompted, multimask-capable forward on one image."""
+    if job.volume:
+        raise InputError(f"{job.source}: official SAM segments one image from prompts, "
+                         "not a volume")
+    image = read_image(job.source, prep)
+    result = predict(model, image, box=box, points=points, labels=labels,
+                     multimask_output=args.multimask, prep=prep)
     best = int(np.argmax(result.iou_predictions))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((result.masks[..., best] * 255).astype(np.uint8)).save(args.out)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    mask = result.masks[..., best]
+    Image.fromarray((mask * 255).astype(np.uint8)).save(job.out)
+    if args.overlay:
+        Image.fromarray(overlay(image, mask.astype(np.uint8))).save(overlay_path(job.out))
     if args.save_logits:
         np.save(args.save_logits, result.low_res_logits.transpose(2, 0, 1).astype(np.float32))
     ious = ", ".join(f"{v:.4f}" for v in result.iou_predictions)
     print(f"predicted IoU: {ious}" + (f" (wrote mask {best})" if args.multimask else ""))
     print(f"mask {result.masks.shape[1]}x{result.masks.shape[0]}, "
-          f"{int(result.masks[..., best].sum())} foreground pixels -> {args.out}")
+          f"{int(mask.sum())} foreground pixels -> {job.out}")
     return 0
 
 

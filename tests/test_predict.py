@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fedfms_jax.data.preprocessing import Preprocessing
 from fedfms_jax.models import get_config, transform_coords
 from fedfms_jax.models.sam import resized_shape
 from fedfms_jax.predict import main
@@ -29,7 +30,8 @@ def torch_sam():
 def weights(torch_sam, tmp_path_factory):
     tensors, config = torch_to_flax(state_dict_numpy(torch_sam))
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_weights(path, tensors, config)
+    save_weights(path, tensors, config,
+                 preprocessing=Preprocessing.official_sam(config.image_size, config.low_res_size))
     return path
 
 
@@ -155,7 +157,8 @@ def test_weights_that_do_not_fit_their_config(tmp_path, weights, image_path, cap
     assert "1 missing" in err and "mask_decoder.iou_token.embedding" in err
 
 
-def test_no_prompt_is_a_usage_error(tmp_path, weights, image_path):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--weights", str(weights), "--image", str(image_path), "--out", str(tmp_path / "m.png")])
-    assert exit_info.value.code != 0
+def test_official_sam_needs_a_prompt(tmp_path, weights, image_path, capsys):
+    assert main(["--weights", str(weights), "--image", str(image_path), "--out",
+                 str(tmp_path / "m.png")]) == 2
+    assert "needs prompts" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
