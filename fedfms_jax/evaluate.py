@@ -48,10 +48,12 @@ def run_config(workdir: Path) -> ml_collections.ConfigDict:
 
 
 def evaluate_run(workdir: str | Path, splits: tuple[str, ...] = ("val", "test"),
-                 round_index: int | None = None, echo=print) -> dict:
+                 round_index: int | None = None, echo=print,
+                 predictions: dict | None = None) -> dict:
     """{"round": r, "splits": {split: {site: SiteScores}}} of the run in `workdir` at its last
     (or `round_index`) checkpoint; "test" is skipped when the run has no unseen site unless
-    it is the only split asked for (then RunError)."""
+    it is the only split asked for (then RunError). `predictions`, when given, receives
+    {split: {site: {case: labels}}}, the label maps that were scored."""
     workdir = Path(workdir).resolve()
     for split in splits:
         if split not in ("val", "test"):
@@ -74,7 +76,8 @@ def evaluate_run(workdir: str | Path, splits: tuple[str, ...] = ("val", "test"),
     out = {"round": int(restored.round), "splits": {}}
     log = RunLog(workdir, False)
     for split in splits:
-        scores = experiment.evaluate(restored.state, split)
+        kept = None if predictions is None else predictions.setdefault(split, {})
+        scores = experiment.evaluate(restored.state, split, kept)
         log.write(eval_record(restored.round, split, scores, unseen))
         echo(f"{workdir} at round {restored.round}, split {split}:")
         echo(format_table(SUMMARY_HEADER, summary_rows(scores, unseen)))

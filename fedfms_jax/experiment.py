@@ -265,11 +265,13 @@ class Experiment:
 
     # --- evaluation -------------------------------------------------------------------
 
-    def evaluate(self, state: FedState, split: str = "val") -> dict[str, SiteScores]:
+    def evaluate(self, state: FedState, split: str = "val",
+                 predictions: dict | None = None) -> dict[str, SiteScores]:
         """Scores per site. 'val': each source site's validation split; 'test': every
         record of the unseen site(s). The global model scores every site; in the local
         baseline, client k's model scores its own site and the unseen site gets the mean
-        over the clients' models."""
+        over the clients' models. `predictions`, when given, receives {site: {case: labels}}
+        (what was scored: u8[Z,H,W] per volume, u8[H,W] per image)."""
         local = self.federation.config.setting == "local"
         if split == "val":
             names = [s for group in self.plan.sites for s in group]
@@ -287,7 +289,8 @@ class Experiment:
                     [self.score(client_params(state, k), records)
                      for k in range(len(self.plan.names))])
             else:
-                scores[site] = self.score(self.params_for(state, site), records)
+                kept = None if predictions is None else predictions.setdefault(site, {})
+                scores[site] = self.score(self.params_for(state, site), records, kept)
         return scores
 
     def predict_fn(self, params: nnx.State):
