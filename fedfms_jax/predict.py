@@ -1,5 +1,5 @@
 """Apply a model exactly as it was trained: to images (PNG, JPG, TIFF, BMP) and volumes
-(NIfTI), one file, several, or folders of them.
+(NIfTI, NRRD, MetaImage, a DICOM series folder), one file, several, or folders of them.
 
     python -m fedfms_jax.predict --weights runs/prostate/final.safetensors \
         --input scan.nii.gz --out scan_label.nii.gz [--overlay] [--force]
@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fedfms_jax import evaluation
+from fedfms_jax.data import volumes
 from fedfms_jax.data.preprocessing import (Preprocessing, model_input, slab_image,
                                            volume_to_uint8)
 from fedfms_jax.data.records import DataError
@@ -50,7 +51,7 @@ from fedfms_jax.metrics import label_map, surface
 from fedfms_jax.models import Sam, postprocess_masks, transform_coords
 from fedfms_jax.weights_file import WeightsError, load_trained
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii")
+VOLUME_SUFFIXES = volumes.SUFFIXES
 # Files and folders a data set keeps its labels in: not inputs when a folder is given.
 LABEL_STEMS = ("label", "labels", "mask", "seg")
 LABEL_FOLDERS = ("masks", "labels", "labelsTr", "labelsTs")
@@ -70,8 +71,13 @@ class Prediction:
 
 
 def volume_suffix(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((s for s in VOLUME_SUFFIXES if name.endswith(s)), None)
+    return volumes.volume_suffix(path)
+
+
+def is_dicom_series(path: Path) -> bool:
+    """A folder with files but no image or volume file in it: a DICOM series to read."""
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and not any(is_input_file(p) for p in path.rglob("*"))
 
 
 def is_input_file(path: Path) -> bool:
@@ -189,43 +195,13 @@ def predict(model: Sam, image: np.ndarray, *, box: np.ndarray | None = None,
 # --- volumes ------------------------------------------------------------------------------
 
 
-def read_volume(path: Path, modality: int | None):
-    """(voxels f32[Z, H, W] in the volume readers' slice layout, spacing (z, row, col) mm,
-    handle for `write_label_volume`); InputError naming the file."""
-    import nibabel as nib
-
-    from fedfms_jax.data.nifti import load_volume
-
+def read_volume(path: Path, modality: int | None) -> volumes.Volume:
+    """The volume (voxels f32[Z, H, W] in the readers' slice layout, spacing, geometry);
+    InputError naming the file for anything the model cannot take."""
     try:
-        voxels, zooms = load_volume(path, modality)  # closest RAS [X, Y, Z]
-        original = nib.load(str(path))
+        return volumes.read_volume(path, modality)
     except DataError as error:
         raise InputError(f"cannot read volume {error}") from None
-    # RAS [X, Y, Z] -> [Z, H, W] with anterior at the top (nifti.read_case's layout).
-    slices = np.ascontiguousarray(np.transpose(voxels, (2, 1, 0))[:, ::-1, :])
-    return slices, (zooms[2], zooms[1], zooms[0]), original
-
-
-def write_label_volume(labels: np.ndarray, like, out_path: Path) -> Path:
-    """labels u8[Z, H, W] (slice layout) -> a NIfTI label volume in the input's voxel order,
-    shape, affine and header geometry."""
-    import nibabel as nib
-    from nibabel import orientations
-
-    ras = np.transpose(labels[:, ::-1, :], (2, 1, 0))
-    to_file = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")),
-                                          orientations.io_orientation(like.affine))
-    data = orientations.apply_orientation(ras, to_file).astype(np.uint8)
-    spatial = tuple(like.shape[:3]) if len(like.shape) >= 3 else tuple(like.shape)
-    data = data.reshape(spatial)
-    header = like.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_data_shape(spatial)
-    image = nib.Nifti1Image(data, like.affine, header)
-    image.header.set_slope_inter(1.0, 0.0)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(out_path))
-    return out_path
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -262,7 +238,9 @@ def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
         raise InputError("no input: give --input FILE or FOLDER")
     files: list[tuple[Path, Path]] = []  # (file, path relative to the output folder)
     for path in inputs:
-        if path.is_dir():
+        if path.is_dir() and is_dicom_series(path):
+            files.append((path, Path(path.name)))
+        elif path.is_dir():
             found = [p for p in sorted(path.rglob("*")) if p.is_file() and is_input_file(p)
                      and not p.name.startswith(".")
                      and p.name.split(".")[0].lower() not in LABEL_STEMS
@@ -278,19 +256,23 @@ def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
             files.append((path, Path(path.name)))
         else:
             raise InputError(f"input {path} does not exist")
-    single = len(files) == 1 and not inputs[0].is_dir()
+    single = len(files) == 1 and not (inputs[0].is_dir() and not is_dicom_series(inputs[0]))
     jobs = []
     for source, relative in files:
-        volume = volume_suffix(source) is not None
+        dicom = source.is_dir()
+        volume = dicom or volume_suffix(source) is not None
         if single:
             target = out
+        elif dicom:  # DICOM in, NIfTI out (volumes.default_label_suffix)
+            target = out / relative.parent / (relative.name + ".nii.gz")
         else:
             suffix = volume_suffix(source) if volume else source.suffix
             stem = relative.name[: len(relative.name) - len(suffix)]
             target = out / relative.parent / (stem + (suffix if volume else ".png"))
         jobs.append(Job(source, target, volume))
     if single and jobs[0].volume and volume_suffix(out) is None:
-        raise InputError(f"--out {out}: a volume's labels are written as NIfTI (.nii.gz / .nii)")
+        raise InputError(f"--out {out}: a volume's labels are written as a volume file "
+                         f"({', '.join(VOLUME_SUFFIXES)})")
     targets = [j.out for j in jobs]
     if len(set(targets)) != len(targets):
         raise InputError("two inputs would write the same output; give them separately")
@@ -373,9 +355,10 @@ def run(args) -> int:
     for job in progress:
         progress.set_postfix_str(job.source.name)
         if job.volume:
-            voxels, spacing, like = read_volume(job.source, prep.modality)
+            volume = read_volume(job.source, prep.modality)
+            voxels = volume.voxels
             result = predict_volume(predict_fn, voxels, prep, args.batch_size)
-            write_label_volume(result, like, job.out)
+            volumes.write_label_volume(result, volume, job.out)
             if args.overlay:
                 z = int(np.argmax(result.reshape(len(result), -1).sum(1))) if result.any() \
                     else len(result) // 2

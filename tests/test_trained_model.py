@@ -55,7 +55,7 @@ def write_site(root):
 
 def volume_config(root):
     config = load_config_file("tests/tiny_config.py")
-    config.data.layout = "nifti"
+    config.data.layout = "volumes"
     config.data.root = str(root)
     config.data.unseen_site = ""
     config.data.normalise = "unit"
@@ -122,9 +122,9 @@ def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
     # Slice for slice, the written mask is the label map evaluate scored.
     scored = {}
     evaluate_run(workdir, ("val",), echo=lambda line: None, predictions=scored)
-    slices, spacing, _ = read_volume(out, None)
-    assert spacing == pytest.approx((6.0, 4.0, 4.0))
-    np.testing.assert_array_equal(slices.astype(np.uint8), scored["val"]["site1"][case])
+    written = read_volume(out, None)
+    assert written.spacing == pytest.approx((6.0, 4.0, 4.0))
+    np.testing.assert_array_equal(written.voxels.astype(np.uint8), scored["val"]["site1"][case])
 
     # Nothing is overwritten without --force.
     before = out.read_bytes()
@@ -136,7 +136,7 @@ def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
 def test_predict_on_validation_images_matches_their_evaluation(trained, tmp_path, capsys):
     """Validation slices saved as PNG images: predict's masks equal evaluation's."""
     root, config, workdir = trained
-    sites = load_sites("nifti", root, keep_empty=1.0, val_fraction=0.34, seed=config.seed)
+    sites = load_sites("volumes", root, keep_empty=1.0, val_fraction=0.34, seed=config.seed)
     val = sites["site1"].val
     picked = [r for r in val if r.mask.any()][:2] + [r for r in val if not r.mask.any()][:1]
     images = tmp_path / "site1" / "images"

@@ -65,7 +65,7 @@ def test_inspect_nifti_with_options(tmp_path, capsys):
     assert code == 0
     site = _last_json(out)["sites"]["site1"]
     assert (site["train"], site["val"]) == (3, 3)
-    assert site["details"]["train"]["spacing"] == [[0.9, 0.8]]
+    assert site["details"]["train"]["spacing"] == [[3.0, 0.9, 0.8]]  # (z, row, col) mm
 
 
 def test_bad_input_exits_non_zero_naming_the_file(tmp_path, capsys):

@@ -29,7 +29,7 @@ def test_case_folders_give_25d_slices_with_spacing(tmp_path):
     record = next(r for r in records if r.slice_index == 3)
     assert record.image.shape == (14, 12, 3) and record.image.dtype == np.uint8
     assert record.mask.shape == (14, 12) and set(np.unique(record.mask)) == {0, 1}
-    assert record.spacing == (0.9, 0.8)
+    assert record.spacing == (3.0, 0.9, 0.8)  # (z, row, col) mm
     same_case = {r.slice_index: r for r in records if r.case_id == record.case_id}
     np.testing.assert_array_equal(record.image[..., 0], same_case[2].image[..., 1])
     np.testing.assert_array_equal(record.image[..., 2], same_case[4].image[..., 1])

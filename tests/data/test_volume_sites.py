@@ -39,7 +39,7 @@ def test_every_format_gives_identical_slice_records(tmp_path, colin_crops):
     sites = load_sites("volumes", tmp_path, keep_empty=1.0, **LABELS)
     assert list(sites) == ["dicom", "mha", "mhd", "nhdr", "nii", "nii_gz", "nrrd"]
     reference = records_of(sites["nii_gz"])
-    assert len(reference) == 12 and reference[0][3] == (1.0, 1.0)
+    assert len(reference) == 12 and reference[0][3] == (1.0, 1.0, 1.0)
     assert all(r[5].any() for r in reference)  # the thalamus in every slice
     for name, site in sites.items():
         assert_same_records(records_of(site), reference, name)

@@ -38,7 +38,7 @@ def _nibabel_records(case, image_path, label_path, spec, seed, keep_empty):
     kept = rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
     keep = np.sort(np.concatenate([np.flatnonzero(has_target), kept]))
     neighbours = lambda z: np.clip([z - 1, z, z + 1], 0, len(volume) - 1)
-    return [(int(z), (zooms[1], zooms[2]), np.moveaxis(volume[neighbours(z)], 0, -1), classes[z])
+    return [(int(z), tuple(zooms), np.moveaxis(volume[neighbours(z)], 0, -1), classes[z])
             for z in keep]
 
 
