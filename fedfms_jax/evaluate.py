@@ -2,6 +2,7 @@
 checkpoint, on its sites' validation splits and its unseen site(s).
 
     python -m fedfms_jax.evaluate --workdir runs/demo [--split val|test|all] [--round N] [--json]
+        [--save-predictions DIR]
 
 The run is rebuilt from the workdir's config.json (the exact config it trained with), so
 the same data root and weights file must still be there. Every slice of every validation /
@@ -13,6 +14,9 @@ record per split (per-site means, counts and every case's figures) to metrics.js
      "counts": {...}, "cases": {case id: {metric: f, "outcome": ...}}}}}}
 Case ids: a volume's case folder name (case7 for <site>/case7/image.nii.gz), an image's
 file stem. NaN (nothing to score, see fedfms_jax.metrics) is written as null.
+--save-predictions writes what was scored: DIR/<split>/<site>/<case id> as a label volume in
+the input's format and geometry (volumes) or a PNG mask (images; 0/255 for one class, else
+the label values), exactly what `fedfms_jax.predict` writes for that input.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def evaluate_run(workdir: str | Path, splits: tuple[str, ...] = ("val", "test"),
         restored = checkpointer.restore(experiment.init_state(), round_index)
     finally:
         checkpointer.close()
-    out = {"round": int(restored.round), "splits": {}}
+    out = {"round": int(restored.round), "splits": {}, "experiment": experiment}
     log = RunLog(workdir, False)
     for split in splits:
         kept = None if predictions is None else predictions.setdefault(split, {})
@@ -89,6 +93,34 @@ def evaluate(workdir: str | Path, split: str = "val", round_index: int | None = 
              echo=print) -> dict[str, SiteScores]:
     """Scores per site of one split of the run in `workdir` (see evaluate_run)."""
     return evaluate_run(workdir, (split,), round_index, echo)["splits"][split]
+
+
+def save_predictions(out: Path, predictions: dict, experiment: Experiment) -> int:
+    """Writes each scored case (module docstring); returns the number of files."""
+    from PIL import Image
+
+    from fedfms_jax.data import volumes
+    from fedfms_jax.predict import mask_png
+
+    by_case = {}
+    for site in experiment.sites.values():
+        for record in site.train + site.val:
+            by_case.setdefault((site.name, record.case_id), record)
+    written = 0
+    for split, sites in predictions.items():
+        for site, cases in sites.items():
+            for case, labels in cases.items():
+                folder = out / split / site
+                folder.mkdir(parents=True, exist_ok=True)
+                if labels.ndim == 3:  # a volume case: its key is the case id
+                    like = volumes.read_volume(by_case[(site, case)].path,
+                                               experiment.preprocessing.modality)
+                    volumes.write_label_volume(labels, like, folder / case)
+                else:
+                    Image.fromarray(mask_png(labels, experiment.preprocessing.num_classes)
+                                    ).save(folder / f"{case}.png")
+                written += 1
+    return written
 
 
 def as_json(workdir: Path, result: dict) -> dict:
@@ -117,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="a saved round (default: the last one)")
     parser.add_argument("--json", action="store_true",
                         help="print the figures as one JSON object on the last line")
+    parser.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
+                        help="write the scored masks under DIR/<split>/<site>/")
     args = parser.parse_args(argv)
     splits = ("val", "test") if args.split == "all" else (args.split,)
     try:
         # With --json the tables go to stderr, so stdout's last line is the object alone.
         echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
-        result = evaluate_run(args.workdir, splits, args.round, echo=echo)
+        predictions = {} if args.save_predictions else None
+        result = evaluate_run(args.workdir, splits, args.round, echo=echo,
+                              predictions=predictions)
+        if args.save_predictions:
+            count = save_predictions(args.save_predictions, predictions, result["experiment"])
+            echo(f"wrote {count} predictions under {args.save_predictions}")
     except (RunError, ConfigError, DataError, WeightsError, CheckpointMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

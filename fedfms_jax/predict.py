@@ -325,6 +325,9 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size} must be >= 1")
     jobs = collect_jobs(args.inputs, args.out)
+    outputs = [j.out for j in jobs] + ([overlay_path(j.out) for j in jobs] if args.overlay
+                                       else []) + ([args.save_logits] if args.save_logits else [])
+    check_outputs(outputs, args.force)
     model, prep = load_trained(args.weights, dtype=args.dtype)
     if args.variant and model.config.variant != args.variant:
         raise WeightsError(f"{args.weights} holds a {model.config.variant} model, "
@@ -344,9 +347,6 @@ def run(args) -> int:
     if args.multimask and prep.prompt != "any":
         raise InputError(f"--multimask is official SAM's; {args.weights} was trained with "
                          f"prompt={prep.prompt!r} and has one output per class")
-    outputs = [j.out for j in jobs] + ([overlay_path(j.out) for j in jobs] if args.overlay
-                                       else []) + ([args.save_logits] if args.save_logits else [])
-    check_outputs(outputs, args.force)
 
     if prep.prompt == "any":
         return _official(model, prep, jobs[0], box, points, labels, args)

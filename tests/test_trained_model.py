@@ -14,7 +14,6 @@ from PIL import Image
 
 from fedfms_jax import evaluation
 from fedfms_jax.data.readers import load_sites
-from fedfms_jax.evaluate import evaluate_run
 from fedfms_jax.evaluate import main as evaluate_main
 from fedfms_jax.experiment import load_config_file
 from fedfms_jax.predict import main as predict_main
@@ -67,17 +66,29 @@ def volume_config(root):
     config.eval.batch_size = 4
     config.train.local_steps = 2
     config.data.batch_size = 2
+    config.mode = "decoder"  # the cheapest gradient to compile; what is trained is not the point
     return config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """(data root, config, workdir, evaluate --json's report, its saved predictions folder)."""
     root = tmp_path_factory.mktemp("volumes")
     write_site(root)
     config = volume_config(root)
     workdir = tmp_path_factory.mktemp("run")
     run(config, workdir, echo=lambda line: None)
-    return root, config, workdir
+    scored = tmp_path_factory.mktemp("scored")
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = evaluate_main(["--workdir", str(workdir), "--json", "--save-predictions",
+                              str(scored)])
+    assert code == 0
+    report = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    return root, config, workdir, report, scored
 
 
 def dice(a, b):
@@ -85,14 +96,10 @@ def dice(a, b):
 
 
 def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
-    root, config, workdir = trained
+    root, config, workdir, report, scored = trained
     prep = read_preprocessing(workdir / FINAL_WEIGHTS)
     assert (prep.normalise, prep.prompt, prep.resize, prep.slab) == ("unit", "none",
                                                                       "stretch", 3)
-
-    capsys.readouterr()
-    assert evaluate_main(["--workdir", str(workdir), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cases = report["splits"]["val"]["site1"]["cases"]
     assert len(cases) == 1 and set(cases) <= set(CASES)
     case = next(iter(cases))
@@ -100,6 +107,9 @@ def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["sites"]["site1"]["per_case"][case]["dice"] == pytest.approx(
         reported["dice"], abs=1e-12)
+    # Every slice was scored, though training kept only 30% of the empty ones.
+    assert report["splits"]["val"]["site1"]["counts"]["images"] == nib.load(
+        str(root / "site1" / case / "image.nii.gz")).shape[2]
 
     image_path = root / "site1" / case / "image.nii.gz"
     label_path = root / "site1" / case / "label.nii.gz"
@@ -119,12 +129,10 @@ def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
     assert measured == pytest.approx(reported["dice"], abs=1e-3)
     assert (tmp_path / f"{case}_pred_overlay.png").is_file()
 
-    # Slice for slice, the written mask is the label map evaluate scored.
-    scored = {}
-    evaluate_run(workdir, ("val",), echo=lambda line: None, predictions=scored)
-    written = read_volume(out, None)
-    assert written.spacing == pytest.approx((6.0, 4.0, 4.0))
-    np.testing.assert_array_equal(written.voxels.astype(np.uint8), scored["val"]["site1"][case])
+    # Voxel for voxel, the written mask is the one evaluate scored (and saved).
+    evaluated = nib.load(str(scored / "val" / "site1" / f"{case}.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(evaluated.dataobj), np.asanyarray(written.dataobj))
+    assert read_volume(out, None).spacing == pytest.approx((6.0, 4.0, 4.0))
 
     # Nothing is overwritten without --force.
     before = out.read_bytes()
@@ -135,7 +143,7 @@ def test_predict_writes_the_volume_evaluate_scored(trained, tmp_path, capsys):
 
 def test_predict_on_validation_images_matches_their_evaluation(trained, tmp_path, capsys):
     """Validation slices saved as PNG images: predict's masks equal evaluation's."""
-    root, config, workdir = trained
+    root, config, workdir, _, _ = trained
     sites = load_sites("volumes", root, keep_empty=1.0, val_fraction=0.34, seed=config.seed)
     val = sites["site1"].val
     picked = [r for r in val if r.mask.any()][:2] + [r for r in val if not r.mask.any()][:1]
@@ -166,7 +174,7 @@ def test_weights_without_preprocessing_are_refused(trained, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    root, _, workdir = trained
+    root, _, workdir, _, _ = trained
     with safe_open(str(workdir / FINAL_WEIGHTS), framework="numpy") as f:
         metadata = dict(f.metadata())
     del metadata["preprocessing"]
