@@ -110,12 +110,19 @@ class SiteScores:
 
 def mean_scores(scores: Sequence[SiteScores]) -> SiteScores:
     """The mean of several models' scores of one site (the local baseline's unseen site):
-    every figure and count averaged, case by case."""
+    every figure and count averaged, case by case; a case's outcome lists each model's."""
     def mean(values):
         finite = [v for v in values if v is not None and np.isfinite(v)]
         return float(np.mean(finite)) if finite else float("nan")
 
-    per_case = {case: {k: mean([s.per_case[case][k] for s in scores])
+    def combine(key, values):
+        if key == "outcome":  # one per model
+            return values
+        if isinstance(values[0], list):  # per class
+            return [mean(v) for v in zip(*values)]
+        return mean(values)
+
+    per_case = {case: {k: combine(k, [s.per_case[case][k] for s in scores])
                        for k in scores[0].per_case[case]} for case in scores[0].per_case}
     return SiteScores(**{m: mean([s.means()[m] for s in scores]) for m in metrics_lib.METRICS},
                       **{c: float(np.mean([getattr(s, c) for s in scores])) for c in COUNTS},

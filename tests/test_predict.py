@@ -162,3 +162,100 @@ def test_official_sam_needs_a_prompt(tmp_path, weights, image_path, capsys):
                  str(tmp_path / "m.png")]) == 2
     assert "needs prompts" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+# --- models trained prompt-free (what `train` writes) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompt_free_weights(tmp_path_factory):
+    """A random tiny 2-class model recorded as trained prompt-free on unit-scaled,
+    stretched images (FedFMS's fundus setting)."""
+    from fedfms_jax.weights_file import flat_state
+    from tests.fast_build import random_sam
+
+    config = get_config("tiny", num_classes=2)
+    model = random_sam(config, seed=3, scale=0.5)
+    prep = Preprocessing(image_size=config.image_size, low_res_size=config.low_res_size,
+                         normalise="unit", resize="stretch", prompt="none", num_classes=2,
+                         class_head=True)
+    path = tmp_path_factory.mktemp("weights") / "two_class.safetensors"
+    save_weights(path, flat_state(model), config, {"trained_by": "test"}, preprocessing=prep)
+    return path
+
+
+def test_prompt_free_model_writes_label_maps_for_a_folder(tmp_path, prompt_free_weights,
+                                                          image_path):
+    from fedfms_jax import evaluation
+    from fedfms_jax.data.readers import load_image_file
+    from fedfms_jax.predict import predict_image, segment_fn
+    from fedfms_jax.weights_file import load_trained
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 52), np.uint8)).save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (33, 30, 3), np.uint8)).save(folder / "sub" / "rgb.tif")
+    Image.fromarray(np.zeros((40, 52), np.uint8)).save(folder / "sub" / "mask.png")  # a label
+    out = tmp_path / "out"
+    assert main(["--weights", str(prompt_free_weights), "--input", str(folder), "--input",
+                 str(image_path), "--out", str(out), "--overlay"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["grey.png", "grey_overlay.png", "scan.png", "scan_overlay.png",
+                       "sub/rgb.png", "sub/rgb_overlay.png"]
+    model, prep = load_trained(prompt_free_weights)
+    expected, _ = predict_image(segment_fn(model), load_image_file(folder / "grey.png"), prep, 8)
+    labels = np.asarray(Image.open(out / "grey.png"))
+    assert labels.shape == (40, 52) and set(np.unique(labels)) <= {0, 1, 2}
+    np.testing.assert_array_equal(labels, expected)
+    assert len(np.unique(labels)) > 1  # a label map with content, not a blank image
+    assert np.asarray(Image.open(out / "sub" / "rgb_overlay.png")).shape == (33, 30, 3)
+    # Without --force nothing is rewritten.
+    assert main(["--weights", str(prompt_free_weights), "--input", str(folder),
+                 "--out", str(out)]) == 2
+
+
+def four_d_volume(path, volumes=2):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4, volumes), np.float32), np.eye(4)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("prompt", "was trained prompt-free: it takes no --box/--point"),
+    ("four_d", "4-D file with 2 volumes"),
+    ("corrupt_volume", "cannot read volume"),
+    ("empty_folder", "no DICOM series in this folder"),  # the last thing a folder can be
+    ("not_an_input", "not an image"),
+    ("volume_to_png", "a volume's labels are written as a volume file"),
+])
+def test_bad_inputs_name_the_culprit(tmp_path, prompt_free_weights, image_path, case, message,
+                                     capsys):
+    out = tmp_path / "out.nii.gz"
+    extra = []
+    if case == "prompt":
+        source, out, extra = image_path, tmp_path / "m.png", ["--box", "1,1,5,5"]
+    elif case == "four_d":
+        source = four_d_volume(tmp_path / "scan4d.nii.gz")
+    elif case == "corrupt_volume":
+        source = tmp_path / "broken.nii.gz"
+        source.write_bytes(b"\x1f\x8b not a gzip stream")
+    elif case == "empty_folder":
+        source = tmp_path / "nothing"
+        source.mkdir()
+        (source / "notes.txt").write_text("")
+        (source / "sub").mkdir()
+        (source / "sub" / "x.txt").write_text("")
+    elif case == "not_an_input":
+        source = tmp_path / "table.csv"
+        source.write_text("a,b\n")
+    else:
+        source, out = four_d_volume(tmp_path / "scan.nii.gz", 1), tmp_path / "m.png"
+    code = main(["--weights", str(prompt_free_weights), "--input", str(source), "--out",
+                 str(out), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    if case in ("four_d", "corrupt_volume", "not_an_input", "empty_folder"):
+        assert str(source) in err
+    assert not out.exists()

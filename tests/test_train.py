@@ -88,11 +88,21 @@ def set_algorithm(c):
     c.algorithm = "fedsgd"
 
 
+def set_metric_typo(c):
+    c.eval.metrics = "dice,hd59"
+
+
+def set_resize(c):
+    c.data.resize = "crop"
+
+
 @pytest.mark.parametrize("change, message", [
     (set_weights, "model.weights: missing.safetensors does not exist"),
     (set_missing_root, "data.root: /no/such/folder does not exist"),
     (set_empty_root, "data.root is empty"),
     (set_algorithm, "algorithm='fedsgd'"),
+    (set_metric_typo, "eval.metrics: unknown metric(s) ['hd59']"),
+    (set_resize, "data.resize='crop'"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, change, message):
     config = small_config()
