@@ -67,7 +67,8 @@ class FakeSite:
                                          "steps": 2, "finite": 1})}), reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord({
             "num-examples": 2, "dice": 0.1 * self.index, "iou": 0.0, "hd95": 1.0,
-            "case-dice": 0.0})}), reply_to=msg)
+            "nsd": 0.5, "cases": 1, "missed": 0, "spurious": 0, "both-empty": 0})}),
+            reply_to=msg)
 
 
 class FakeGrid:
