@@ -25,7 +25,6 @@ from flax import nnx
 from fedfms_jax import evaluation
 from fedfms_jax.data import load_sites, make_pipeline
 from fedfms_jax.data.preprocessing import DEFAULT_PERCENTILES, Preprocessing
-from fedfms_jax.data.readers import VOLUME_LAYOUTS
 from fedfms_jax.data.records import DEFAULT_KEEP_EMPTY, Record, Site, keep_empty_slices
 # Re-exported: the scores every driver (train, evaluate, Flower) reports.
 from fedfms_jax.evaluation import EvalSettings, SiteScores  # noqa: F401
@@ -129,6 +128,10 @@ def parse_label_map(text: str) -> dict[int, int] | None:
     except ValueError:
         raise ConfigError(f"data.label_map={text!r}: expected raw:class pairs such as "
                           "'1:1,2:1'") from None
+
+
+# Layouts read by nifti.read_site, whose keep_empty the engine applies to training only.
+VOLUME_LAYOUTS = ("volumes", "nifti")
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, Site]:
