@@ -186,7 +186,6 @@ def prompt_free_weights(tmp_path_factory):
 
 def test_prompt_free_model_writes_label_maps_for_a_folder(tmp_path, prompt_free_weights,
                                                           image_path):
-    from fedfms_jax import evaluation
     from fedfms_jax.data.readers import load_image_file
     from fedfms_jax.predict import predict_image, segment_fn
     from fedfms_jax.weights_file import load_trained

@@ -20,7 +20,9 @@ from fedfms_jax.models import SamConfig
 
 
 def _modeling():
-    if "segment_anything.modeling" not in sys.modules:
+    # Keyed on the package, not on .modeling: importing MONAI leaves segment_anything.modeling
+    # in sys.modules without its parent (a failed optional import of the whole package).
+    if "segment_anything" not in sys.modules:
         spec = importlib.util.find_spec("segment_anything")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError("segment-anything is not installed (pip install -e '.[test]')")
