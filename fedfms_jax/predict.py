@@ -81,7 +81,10 @@ def is_dicom_series(path: Path) -> bool:
 
 
 def is_input_file(path: Path) -> bool:
-    return volume_suffix(path) is not None or path.suffix.lower() in IMAGE_SUFFIXES
+    """An image or a volume file; a .dcm file is one slice of a series, read through its
+    folder (a single-file DICOM volume can still be given as --input itself)."""
+    suffix = volume_suffix(path)
+    return (suffix is not None and suffix != ".dcm") or path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_image(path: Path, prep: Preprocessing) -> np.ndarray:
@@ -241,7 +244,10 @@ def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
         if path.is_dir() and is_dicom_series(path):
             files.append((path, Path(path.name)))
         elif path.is_dir():
-            found = [p for p in sorted(path.rglob("*")) if p.is_file() and is_input_file(p)
+            # Files, and folders below that hold a DICOM series (GDCM finds one in them).
+            found = [p for p in sorted(path.rglob("*"))
+                     if (is_input_file(p) if p.is_file() else
+                         p.is_dir() and is_dicom_series(p) and volumes.has_dicom_series(p))
                      and not p.name.startswith(".")
                      and p.name.split(".")[0].lower() not in LABEL_STEMS
                      and not set(p.relative_to(path).parts[:-1]) & set(LABEL_FOLDERS)]
@@ -250,7 +256,7 @@ def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
                                  f"({', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)})")
             files += [(p, p.relative_to(path)) for p in found]
         elif path.exists() or is_input_file(path):
-            if not is_input_file(path):
+            if not (is_input_file(path) or volume_suffix(path) == ".dcm"):
                 raise InputError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) or a "
                                  f"volume ({', '.join(VOLUME_SUFFIXES)})")
             files.append((path, Path(path.name)))
@@ -259,20 +265,21 @@ def collect_jobs(inputs: Sequence[Path], out: Path) -> list[Job]:
     single = len(files) == 1 and not (inputs[0].is_dir() and not is_dicom_series(inputs[0]))
     jobs = []
     for source, relative in files:
-        dicom = source.is_dir()
+        dicom = source.is_dir() or volume_suffix(source) == ".dcm"
         volume = dicom or volume_suffix(source) is not None
         if single:
             target = out
         elif dicom:  # DICOM in, NIfTI out (volumes.default_label_suffix)
-            target = out / relative.parent / (relative.name + ".nii.gz")
+            name = relative.name[: -4] if source.is_file() else relative.name
+            target = out / relative.parent / (name + ".nii.gz")
         else:
             suffix = volume_suffix(source) if volume else source.suffix
             stem = relative.name[: len(relative.name) - len(suffix)]
             target = out / relative.parent / (stem + (suffix if volume else ".png"))
         jobs.append(Job(source, target, volume))
-    if single and jobs[0].volume and volume_suffix(out) is None:
+    if single and jobs[0].volume and volume_suffix(out) not in volumes.LABEL_SUFFIXES:
         raise InputError(f"--out {out}: a volume's labels are written as a volume file "
-                         f"({', '.join(VOLUME_SUFFIXES)})")
+                         f"({', '.join(volumes.LABEL_SUFFIXES)})")
     targets = [j.out for j in jobs]
     if len(set(targets)) != len(targets):
         raise InputError("two inputs would write the same output; give them separately")

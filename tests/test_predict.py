@@ -253,3 +253,35 @@ def test_bad_inputs_name_the_culprit(tmp_path, prompt_free_weights, image_path, 
     if case in ("four_d", "corrupt_volume", "not_an_input", "empty_folder"):
         assert str(source) in err
     assert not out.exists()
+
+
+def test_volumes_come_back_in_their_format_and_geometry(tmp_path, prompt_free_weights):
+    """A folder with a DICOM series (labels as NIfTI with the series' geometry) and an NRRD
+    volume (labels as NRRD); a series given alone with --out x.nrrd gets NRRD."""
+    import SimpleITK as sitk
+
+    from fedfms_jax.data import volumes
+    from tests import real_volumes
+    from tests.data.conftest import colin_crop, write_dicom_series
+
+    image = colin_crop(real_volumes.COLIN27_T1, 80, 3)
+    folder = tmp_path / "in"
+    write_dicom_series(sitk.Flip(image, [False, True, True]), folder / "patient1")
+    (folder / "patient2").mkdir()
+    sitk.WriteImage(image, str(folder / "patient2" / "scan.nrrd"))
+    out = tmp_path / "out"
+    assert main(["--weights", str(prompt_free_weights), "--input", str(folder),
+                 "--out", str(out)]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["patient1.nii.gz", "patient2/scan.nrrd"]
+    for name, source in (("patient1.nii.gz", folder / "patient1"),
+                         ("patient2/scan.nrrd", folder / "patient2" / "scan.nrrd")):
+        label, like = volumes.read_volume(out / name), volumes.read_volume(source)
+        assert (label.stored_shape, label.orientation) == (like.stored_shape, like.orientation)
+        assert volumes.grid_mismatch(like, label, tolerance=1e-3) is None, name
+        assert set(np.unique(label.voxels)) <= {0, 1, 2}
+    alone = tmp_path / "alone.nrrd"
+    assert main(["--weights", str(prompt_free_weights), "--input", str(folder / "patient1"),
+                 "--out", str(alone)]) == 0
+    np.testing.assert_array_equal(volumes.read_volume(alone).voxels,
+                                  volumes.read_volume(out / "patient1.nii.gz").voxels)

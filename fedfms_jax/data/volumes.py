@@ -290,6 +290,16 @@ def _read_dicom_file(path: Path, modality: int | None) -> tuple[np.ndarray, np.n
     return stored, _LPS @ np.asarray(volume.affine, float) @ _SLICE_ROW_COL, "dicom-seg"
 
 
+def has_dicom_series(folder: Path) -> bool:
+    """Whether GDCM finds a DICOM series among the files of `folder` (not below it)."""
+    import SimpleITK as sitk
+
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+
+
 def _read_dicom_series(folder: Path, modality: int | None) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
