@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from fedfms_jax import plot
-from fedfms_jax.experiment import load_config_file
+from fedfms_jax.config import ConfigError, load_config_file, validate
+from fedfms_jax.data.records import DataError
 from fedfms_jax.run_log import format_table
 from fedfms_jax.train import run
+from fedfms_jax.weights_file import WeightsError
 
 CONFIG = "configs/demo.py"
 SETTINGS = [
@@ -37,12 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--rounds", type=int, help="override configs/demo.py's rounds")
     args = parser.parse_args(argv)
+    configs = []
+    try:
+        for _, overrides in SETTINGS:  # every setting checked before the first one trains
+            config = load_config_file(CONFIG)
+            config.update(overrides)
+            if args.rounds is not None:
+                config.rounds = args.rounds
+            validate(config)
+            configs.append(config)
+        return _run(args, configs)
+    except (ConfigError, DataError, WeightsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args, configs) -> int:
     rows, workdirs = [], []
-    for name, overrides in SETTINGS:
-        config = load_config_file(CONFIG)
-        config.update(overrides)
-        if args.rounds:
-            config.rounds = args.rounds
+    for (name, _), config in zip(SETTINGS, configs):
         workdir = args.out / name.lower()
         print(f"\n== {name}: {config.algorithm}, mode {config.mode} -> {workdir}")
         began = time.perf_counter()

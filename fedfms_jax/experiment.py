@@ -1,248 +1,64 @@
-"""An experiment: an ml_collections config -> sites, model, federation; then rounds with
-evaluation, logs and checkpoints. `train`, `evaluate`, the demo and Flower drive this; the
-engine (fedfms_jax.fed) knows nothing of configs or files.
+"""An experiment: the round driver over the parts built from a config, with evaluation.
 
-The four algorithms are settings of one engine (FedFMS protocol in REFERENCE section 3):
-    fedavg   every source site a client, FedAvg by training-slice counts
-    fedprox  the same with FedProx's proximal term (train.prox_mu)
-    central  all source sites pooled into one client (the upper baseline)
-    local    every site trains alone, no averaging (the lower baseline)
+    fedfms_jax.config    the config's keys, names and the one check (validate)
+    fedfms_jax.build     config -> sites, model, preprocessing, client plan, federation
+    fedfms_jax.streams   the clients' training data streams
+    Experiment           those parts together: rounds (train_round), evaluation, describe
+
+`train`, `evaluate` and the demo drive this; a Flower site uses the same parts for its one
+client (flower/site.py); the engine (fedfms_jax.fed) knows nothing of configs or files.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from fedfms_jax import evaluation
-from fedfms_jax.data import load_sites, make_pipeline
-from fedfms_jax.data.preprocessing import DEFAULT_PERCENTILES, Preprocessing
-from fedfms_jax.data.records import DEFAULT_KEEP_EMPTY, Record, Site, keep_empty_slices
+from fedfms_jax import build, evaluation
+from fedfms_jax.config import ALGORITHMS, ConfigError, load_config_file, validate  # noqa: F401
+from fedfms_jax.data.records import Record
 # Re-exported: the scores every driver (train, evaluate, Flower) reports.
 from fedfms_jax.evaluation import EvalSettings, SiteScores  # noqa: F401
-from fedfms_jax.fed.partition import config_for_mode, num_params
-from fedfms_jax.fed.round import FedConfig, Federation, FedState, RoundResult, plan_clients
-from fedfms_jax.models import Sam, get_config
-from fedfms_jax.models.sam import RESIZE_MODES
-from fedfms_jax.models.sam import extend
-from fedfms_jax.weights_file import load_sam
-
-ALGORITHMS = {"fedavg": "federated", "fedprox": "federated", "central": "centralised",
-              "local": "local"}
-# Batch fields the loss reads; the full-size mask and record indices stay on the host.
-TRAIN_FIELDS = ("image", "mask_low_res", "valid", "boxes", "point_coords", "point_labels")
-
+from fedfms_jax.fed.partition import num_params
+from fedfms_jax.fed.round import FedState, RoundResult
+from fedfms_jax.streams import TRAIN_FIELDS, ClientStreams, pipeline_options  # noqa: F401
 
 # A run folder's Orbax checkpoints (train writes, evaluate and resume read).
 CHECKPOINTS = "checkpoints"
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; raised before any data is read or code compiled."""
-
-
-def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, as --config loads it (for callers without flags)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key, on anything that would fail later."""
-    if config.algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm={config.algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    if config.rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {config.rounds}")
-    weights = config.model.weights
-    if weights and not Path(weights).is_file():
-        raise ConfigError(f"model.weights: {weights} does not exist (convert an official "
-                          "checkpoint with weights/convert.py)")
-    if config.data.layout != "synthetic":
-        if not config.data.root:
-            raise ConfigError(f"data.root is empty: the {config.data.layout} layout reads a "
-                              "folder; pass --config.data.root=DIR")
-        if not Path(config.data.root).is_dir():
-            raise ConfigError(f"data.root: {config.data.root} does not exist or is not a folder")
-    if config.algorithm == "local" and config.train.server_optimizer != "none":
-        raise ConfigError("algorithm=local has no server: train.server_optimizer must be 'none'")
-    try:
-        EvalSettings.from_config(config.eval)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if config.data.resize not in RESIZE_MODES:
-        raise ConfigError(f"data.resize={config.data.resize!r}; known: {', '.join(RESIZE_MODES)}")
-
-
-def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
-    t = config.train
-    epochs = None if t.local_steps > 0 else t.local_epochs
-    return FedConfig(
-        mode=config.mode, setting=ALGORITHMS[config.algorithm], learning_rate=t.learning_rate,
-        eps=t.adam_eps,
-        pos_weight=t.pos_weight, local_steps=t.local_steps or None, local_epochs=epochs,
-        reset_optimizer=t.reset_optimizer,
-        prox_mu=t.prox_mu if config.algorithm == "fedprox" else 0.0,
-        client_fraction=t.client_fraction, server_optimizer=t.server_optimizer,
-        server_lr=t.server_lr, clients_per_step=t.clients_per_step or None, seed=config.seed)
-
-
-def build_model(config: ml_collections.ConfigDict) -> Sam:
-    """The starting model: the weights file (plus whatever the mode adds: adapters, LoRA, a
-    class head, initialised from the seed) or, without one, a randomly initialised variant."""
-    m = config.model
-    settings = dict(dtype=m.dtype, num_classes=m.num_classes, adapter_ratio=m.adapter_ratio,
-                    adapter_scale=m.adapter_scale, adapter_init=m.adapter_init,
-                    lora_alpha=m.lora_alpha)
-    rngs = nnx.Rngs(params=config.seed)
-    if not m.weights:
-        base_config = get_config(m.variant, **settings, lora_rank=m.lora_rank
-                                 if config.mode == "fedlora" else 0)
-        return Sam(config_for_mode(base_config, config.mode), rngs=rngs)
-    base = load_sam(m.weights, dtype=m.dtype)
-    target = base.config.replace(**{k: v for k, v in settings.items() if k != "dtype"})
-    if config.mode == "fedlora" and base.config.lora_rank == 0:
-        target = target.replace(lora_rank=m.lora_rank)
-    target = config_for_mode(target, config.mode)
-    return base if target == base.config else extend(base, target, rngs=rngs)
-
-
-def parse_label_map(text: str) -> dict[int, int] | None:
-    """data.label_map "1:1,2:1" -> {1: 1, 2: 1}; empty -> None."""
-    if not text:
-        return None
-    try:
-        return {int(a): int(b) for a, b in (pair.split(":") for pair in text.split(","))}
-    except ValueError:
-        raise ConfigError(f"data.label_map={text!r}: expected raw:class pairs such as "
-                          "'1:1,2:1'") from None
-
-
-# Layouts read by nifti.read_site, whose keep_empty the engine applies to training only.
-VOLUME_LAYOUTS = ("volumes", "nifti")
-
-
-def load_data(config: ml_collections.ConfigDict) -> dict[str, Site]:
-    """The sites. Volume layouts are read with every slice; `keep_empty` then thins the
-    empty slices of the training sites' training records only, so validation and test
-    volumes are scored whole."""
-    d = config.data
-    options = d.options.to_dict()
-    seed = options.pop("seed", config.seed)  # a data seed of its own, e.g. for pretraining
-    keep_empty = None
-    if d.layout in VOLUME_LAYOUTS:
-        keep_empty = options.pop("keep_empty", DEFAULT_KEEP_EMPTY)
-        options["keep_empty"] = 1.0
-    sites = load_sites(d.layout, d.root or None, sites=d.sites or None, skip_bad=d.skip_bad,
-                       num_classes=config.model.num_classes,
-                       label_map=parse_label_map(d.label_map),
-                       val_fraction=d.val_fraction, seed=seed, **options)
-    if d.unseen_site and d.unseen_site not in sites:
-        raise ConfigError(f"data.unseen_site={d.unseen_site!r} is not a site; sites: "
-                          f"{', '.join(sites)}")
-    if keep_empty is not None:
-        for name, site in sites.items():
-            if name != d.unseen_site:  # the unseen site is only tested, on whole volumes
-                # crc32, not hash(): the readers' per-site seed, so the draw is theirs.
-                site.train = keep_empty_slices(site.train, keep_empty,
-                                               [seed, zlib.crc32(name.encode())])
-    return sites
-
-
-def preprocessing_for(config: ml_collections.ConfigDict, model_config) -> Preprocessing:
-    """What the network of this run sees (written into final.safetensors)."""
-    d, o = config.data, config.data.options
-    label_map = parse_label_map(d.label_map)
-    window = o.get("window", None)
-    return Preprocessing(
-        image_size=model_config.image_size, low_res_size=model_config.low_res_size,
-        normalise=d.normalise, resize=d.resize, prompt=d.prompt,
-        num_classes=model_config.num_classes, class_head=model_config.num_classes > 1,
-        label_map=None if label_map is None else tuple(sorted(label_map.items())),
-        percentiles=tuple(float(v) for v in o.get("percentiles", DEFAULT_PERCENTILES)),
-        window=None if window is None else tuple(float(v) for v in window),
-        slab=int(o.get("slab", 3)), modality=o.get("modality", None))
-
-
 class Experiment:
-    """Everything a run needs, built once from a config (data, model, federation)."""
+    """Everything a run needs, built once from a config (data, model, federation, streams).
+
+    The config is validated first (ConfigError before any data is read)."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
-        check_config(config)
+        validate(config)
         self.config = config
-        self.sites = load_data(config)
-        model = build_model(config)
+        self.sites = build.load_data(config)
+        model = build.build_model(config)
         self.model_config = model.config
-        self.image_size = config.data.image_size or model.config.image_size
-        if self.image_size != model.config.image_size:
-            raise ConfigError(f"data.image_size={self.image_size} but the model takes "
-                              f"{model.config.image_size}")
-        held_out = [config.data.unseen_site] if config.data.unseen_site else []
-        self.plan = plan_clients({name: site.num_train for name, site in self.sites.items()},
-                                 ALGORITHMS[config.algorithm], held_out)
-        self.federation = Federation(model, fed_config(config), len(self.plan.names),
-                                     mesh=mesh, client_names=self.plan.names)
+        self.image_size = build.image_size(config, model)
+        self.plan = build.plan(config, {name: site.num_train for name, site in self.sites.items()})
+        self.federation = build.federation(config, model, self.plan, mesh=mesh)
         self.total_params = num_params(nnx.state(model, nnx.Param))
         self.trainable_params = num_params(self.federation.initial_params)
         self.client_records = [[r for s in group for r in self.sites[s].train]
                                for group in self.plan.sites]
         self.steps = self.federation.client_steps(self.plan.num_samples, config.data.batch_size)
-        self.iterators = [iter(self._train_pipeline(records, k))
-                          for k, records in enumerate(self.client_records)]
-        self._template = None
+        self.streams = ClientStreams(config, self.client_records, self.federation.client_ids,
+                                     self._pipeline_options())
         self._predict = _make_predict(self.federation.graphdef)
-        self.preprocessing = preprocessing_for(config, model.config)
+        self.preprocessing = build.preprocessing_for(config, model.config)
         self.eval_settings = EvalSettings.from_config(config.eval)
 
-    # --- data -------------------------------------------------------------------------
-
     def _pipeline_options(self) -> dict:
-        d = self.config.data
-        return dict(image_size=self.image_size, batch_size=d.batch_size,
-                    low_res_size=self.model_config.low_res_size, normalise=d.normalise,
-                    resize=d.resize, prompt=d.prompt, num_classes=self.config.model.num_classes)
-
-    def _train_pipeline(self, records: Sequence[Record], client: int):
-        return make_pipeline(records, **self._pipeline_options(), seed=self.config.seed * 1000 + client,
-                             shuffle=True, augment=self.config.data.augment, drop_remainder=False,
-                             num_epochs=None, num_threads=self.config.data.num_threads)
-
-    def iterator_states(self) -> list:
-        return [it.get_state() for it in self.iterators]
-
-    def set_iterator_states(self, states: Sequence) -> None:
-        if len(states) != len(self.iterators):
-            raise ValueError(f"{len(states)} data iterator states for {len(self.iterators)} clients")
-        for it, state in zip(self.iterators, states):
-            it.set_state(state)
-
-    def _next_batches(self, client_steps: np.ndarray) -> dict[str, np.ndarray]:
-        """[K, S, B, ...] batches: client k draws client_steps[k] batches, the rest of its
-        S rows are zeros (masked steps), so no client's data order depends on another's."""
-        per_client = []
-        for k, n in enumerate(client_steps):
-            batches = [{f: b[f] for f in TRAIN_FIELDS if f in b}
-                       for b in (next(self.iterators[k]) for _ in range(int(n)))]
-            if self._template is None and batches:
-                self._template = jax.tree.map(np.zeros_like, batches[0])
-            per_client.append(batches)
-        total = int(max(client_steps))
-        return {field: np.stack([np.stack([b[field] for b in batches]
-                                          + [self._template[field]] * (total - len(batches)))
-                                 for batches in per_client])
-                for field in self._template}
+        return pipeline_options(self.config, self.image_size, self.model_config.low_res_size)
 
     # --- training ---------------------------------------------------------------------
 
@@ -254,16 +70,10 @@ class Experiment:
         memory train.steps_per_segment steps at a time, then aggregation."""
         federation = self.federation
         participating = federation.participants(int(state.round)) & (self.steps > 0)
-        steps = np.where(participating, self.steps, 0)
         state = federation.begin_round(state)
-        segment = max(1, self.config.train.steps_per_segment)
-        losses = []
-        for start in range(0, int(steps.max()), segment):
-            todo = np.clip(steps - start, 0, segment)
-            mask = np.arange(int(todo.max()))[None, :] < todo[:, None]
-            state, segment_losses = federation.local_steps(state, self._next_batches(todo), mask)
-            losses.append(segment_losses)
-        losses = np.concatenate(losses, axis=1) if losses else None
+        state, losses, _ = federation.local_round(
+            state, np.where(participating, self.steps, 0), self.streams.next_batches,
+            self.config.train.steps_per_segment)
         return federation.end_round(state, self.plan.num_samples, participating, losses)
 
     # --- evaluation -------------------------------------------------------------------

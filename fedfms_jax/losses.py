@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
-
-
 
 def weighted_bce(logits: jax.Array, targets: jax.Array, pos_weight: float = 2.0,
                  valid: jax.Array | None = None) -> jax.Array:
@@ -24,4 +24,15 @@ def weighted_bce(logits: jax.Array, targets: jax.Array, pos_weight: float = 2.0,
     return jnp.sum(per_example * weights) / jnp.maximum(weights.sum(), 1.0)
 
 
+def segmentation_loss(model, batch: Mapping[str, jax.Array], key: jax.Array, *,
+                      pos_weight: float = 2.0) -> jax.Array:
+    """FedFMS's loss of a SAM on one batch: weighted BCE of `Sam.segment` against
+    `mask_low_res` (the engine's default loss_fn(model, batch, key)).
 
+    batch: image f32[B, S, S, 3], mask_low_res f32[B, L, L, C], optional valid bool[B] and
+    prompts (boxes f32[B, 4]; point_coords f32[B, N, 2] with point_labels i32[B, N]).
+    """
+    del key  # SAM has no dropout; kept so a loss with randomness has its key
+    logits = model.segment(batch["image"], point_coords=batch.get("point_coords"),
+                           point_labels=batch.get("point_labels"), boxes=batch.get("boxes"))
+    return weighted_bce(logits, batch["mask_low_res"], pos_weight, valid=batch.get("valid"))

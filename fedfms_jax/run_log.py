@@ -22,6 +22,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 METRICS_FILE = "metrics.jsonl"
+# The global model at the end of a run (train and the Flower server write it).
+FINAL_WEIGHTS = "final.safetensors"
+
+
+def save_final(workdir: str | Path, model, config, rounds: int, trained_by: str, *,
+               preprocessing=None) -> Path:
+    """The global model (frozen + global trainable weights, an NNX Sam) as
+    <workdir>/final.safetensors, loadable with fedfms_jax.load_sam and the predict CLI, with
+    the preprocessing it was trained with (data.preprocessing.Preprocessing)."""
+    from fedfms_jax.weights_file import flat_state, save_weights  # JAX: only when saving
+
+    path = Path(workdir) / FINAL_WEIGHTS
+    save_weights(path, flat_state(model), model.config,
+                 {"trained_by": trained_by, "mode": config.mode,
+                  "algorithm": config.algorithm, "rounds": str(int(rounds))},
+                 preprocessing=preprocessing)
+    return path
 
 
 def json_safe(value: Any) -> Any:

@@ -23,27 +23,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from fedfms_jax.config import ConfigError, resume_conflicts, trajectory
 from fedfms_jax.data.records import DataError
-from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, ConfigError, Experiment,
-                                   eval_record, summary_rows)
+from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, Experiment, eval_record,
+                                   summary_rows)
 from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.plot import PREDICTIONS_FILE
-from fedfms_jax.run_log import RunLog, format_table
-from fedfms_jax.weights_file import WeightsError, flat_state, save_weights
-
-FINAL_WEIGHTS = "final.safetensors"
+from fedfms_jax.run_log import FINAL_WEIGHTS, RunLog, format_table, save_final  # noqa: F401
+from fedfms_jax.weights_file import WeightsError
 
 
-def save_final(experiment: Experiment, state, workdir: Path) -> Path:
-    """The global model (frozen + global trainable weights) as a weights file."""
-    path = workdir / FINAL_WEIGHTS
-    save_weights(path, flat_state(experiment.federation.global_model(state)),
-                 experiment.model_config,
-                 {"trained_by": "fedfms_jax.train", "mode": experiment.config.mode,
-                  "algorithm": experiment.config.algorithm, "rounds": str(int(state.round))},
-                 preprocessing=experiment.preprocessing)
-    return path
+def run_identity(experiment: Experiment) -> dict:
+    """What a checkpoint records of the run's config (config.trajectory) and its data."""
+    return {"trajectory": trajectory(experiment.config),
+            "num_samples": list(experiment.plan.num_samples)}
+
+
+def check_resume(meta: dict, experiment: Experiment, where: Path) -> None:
+    """Refuses, naming every field, a config that would change the checkpointed run's
+    trajectory (config.RESUMABLE lists what may change)."""
+    saved = meta.get("run_config")
+    if saved is None:  # a checkpoint from before run configs were saved: nothing to compare
+        return
+    problems = resume_conflicts(saved["trajectory"], experiment.config)
+    ours = list(experiment.plan.num_samples)
+    if saved.get("num_samples") != ours:
+        problems.append(f"training samples per client: checkpoint {saved.get('num_samples')}, "
+                        f"this run {ours}")
+    if problems:
+        raise CheckpointMismatch(
+            f"{where} was trained with another config; resuming would change its "
+            "trajectory:\n  " + "\n  ".join(problems)
+            + "\n(--fresh starts over; rounds, eval.*, checkpoint_every, logging and file "
+            "locations may change on resume)")
 
 
 def save_predictions(experiment: Experiment, state, workdir: Path) -> None:
@@ -78,10 +91,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
     state = experiment.init_state()
     ledger = CommLedger.empty(len(experiment.plan.names))
     if checkpointer.latest_round() is not None:
+        check_resume(checkpointer.read_meta(), experiment, workdir / CHECKPOINTS)
         restored = checkpointer.restore(state)
         state = restored.state
         ledger = restored.ledger or ledger
-        experiment.set_iterator_states(restored.data_state["iterators"])
+        experiment.streams.set_states(restored.data_state["iterators"])
         log.truncate_after(restored.round)
         echo(f"resumed {workdir} at round {restored.round}")
     # Written only once any checkpoint has been accepted, so a refused resume changes nothing.
@@ -122,15 +136,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
                  + (f", unseen Dice {np.mean([s.dice for s in result['test'].values()]):.4f}"
                     if unseen else "") + f", {took:.1f}s")
         if done % config.checkpoint_every == 0 or done == config.rounds:
-            checkpointer.save(state, data_state={"iterators": experiment.iterator_states()},
-                              ledger=ledger)
+            checkpointer.save(state, data_state={"iterators": experiment.streams.states()},
+                              ledger=ledger, run_config=run_identity(experiment))
     checkpointer.wait()
     checkpointer.close()
     if not result:  # nothing left to train: evaluate what the checkpoint holds
         result = {"val": experiment.evaluate(state, "val")}
         if unseen:
             result["test"] = experiment.evaluate(state, "test")
-    save_final(experiment, state, workdir)
+    save_final(workdir, federation.global_model(state), config, int(state.round),
+               "fedfms_jax.train", preprocessing=experiment.preprocessing)
     save_predictions(experiment, state, workdir)
     scores = {**result["val"], **result.get("test", {})}
     echo(format_table(SUMMARY_HEADER, summary_rows(scores, unseen)))

@@ -19,7 +19,7 @@ _EXPORTS = {
     "Volume": "volumes", "read_volume": "volumes", "write_label_volume": "volumes",
     "BadInput": "records", "DataError": "records", "Record": "records", "Site": "records",
     "VolumeInfo": "records",
-    "fedavg_weights": "records", "steps_per_epoch": "records",
+    "steps_per_epoch": "records",
     "summarise_sites": "summary",
     "make_synthetic_sites": "synthetic", "write_sites": "synthetic",
 }

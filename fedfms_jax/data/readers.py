@@ -33,6 +33,19 @@ from fedfms_jax.data.synthetic import make_synthetic_sites
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("fedfms", "folders", "volumes", "nifti", "synthetic")
+# The options (a config's data.options) each layout's reader takes, besides `seed` (a data
+# seed of its own, every layout). The config validator (fedfms_jax.config) refuses any other
+# key before data is read; tests/data/test_readers.py checks this table against the readers'
+# signatures, so a new layout or option is added here and in its reader.
+LAYOUT_OPTIONS = {
+    "fedfms": ("case_pattern", "percentiles"),
+    "folders": ("case_pattern", "percentiles"),
+    "volumes": ("slab", "percentiles", "window", "keep_empty", "modality", "resample_label",
+                "geometry_tolerance"),
+    "synthetic": ("num_sites", "per_site", "image_size", "kind", "volumes", "depth",
+                  "val_fraction"),
+}
+LAYOUT_OPTIONS["nifti"] = LAYOUT_OPTIONS["volumes"]  # the volumes layout's older name
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 

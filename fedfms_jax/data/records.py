@@ -155,16 +155,6 @@ def steps_per_epoch(num_records: int, batch_size: int, drop_remainder: bool = Tr
     return -(-num_records // batch_size)
 
 
-def fedavg_weights(sites: Mapping[str, Site],
-                   exclude: Sequence[str] = ()) -> dict[str, float]:
-    """FedAvg weights n_k / sum(n) by training-record counts; excluded sites weigh 0."""
-    counts = {name: (0 if name in exclude else site.num_train) for name, site in sites.items()}
-    total = sum(counts.values())
-    if total == 0:
-        raise ValueError("no training records in the sites given FedAvg weight")
-    return {name: n / total for name, n in counts.items()}
-
-
 # ---------------------------------------------------------------------------------------
 # Checks and conversions shared by the readers.
 

@@ -9,12 +9,80 @@ optimizer (FedAvgM, FedAdam) then treats global - mean as a pseudo-gradient.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam")
+
+# Each server optimizer's hyper-parameters (FedConfig fields, config keys train.<name>) and
+# defaults chosen to be safe when the global model starts from pretrained weights:
+#   fedavgm  server_lr 0.1, server_momentum 0.9: Hsu et al. 2019 ("Measuring the effects of
+#            non-identical data distribution", FedAvgM) read server momentum through the
+#            effective rate server_lr / (1 - momentum); 0.1 / (1 - 0.9) = 1 is FedAvg's own
+#            step once the momentum has built up, and the first rounds move less than FedAvg.
+#   fedadam  server_b1 0.9, server_b2 0.99, server_eps (their tau) 1e-3: Reddi et al. 2021
+#            ("Adaptive Federated Optimization", ICLR), also Flower's FedAdam defaults.
+#            server_lr 1e-3 is ours: Adam's bias-corrected first step moves every weight by
+#            up to server_lr whatever the update's size, and optax's 1.0 moves each weight of
+#            a pretrained SAM by ~1, which destroys it; fine-tuning (local Adam at 1e-4 for
+#            one epoch) moves weights by ~1e-3 a round. Reddi et al. tune server_lr per task;
+#            so should a user, from here.
+SERVER_DEFAULTS: dict[str, dict[str, float]] = {
+    "none": {},
+    "fedavgm": {"server_lr": 0.1, "server_momentum": 0.9},
+    "fedadam": {"server_lr": 1e-3, "server_b1": 0.9, "server_b2": 0.99, "server_eps": 1e-3},
+}
+SERVER_HYPERPARAMETERS = ("server_lr", "server_momentum", "server_b1", "server_b2",
+                          "server_eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    """A server optimizer and its hyper-parameters, every one resolved (hashable: it keys
+    the compiled aggregation, which sees nothing else of a config)."""
+
+    name: str = "none"
+    server_lr: float | None = None
+    server_momentum: float | None = None
+    server_b1: float | None = None
+    server_b2: float | None = None
+    server_eps: float | None = None
+
+    def __post_init__(self):
+        if self.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {self.name!r}; known: "
+                             f"{', '.join(SERVER_OPTIMIZERS)}")
+        # Fill the optimizer's defaults; a hyper-parameter it does not have stays None, so
+        # two configs that differ only there are the same optimizer.
+        for field in SERVER_HYPERPARAMETERS:
+            default = SERVER_DEFAULTS[self.name].get(field)
+            value = getattr(self, field)
+            object.__setattr__(self, field, None if default is None else
+                               float(default if value is None else value))
+
+    def tx(self) -> optax.GradientTransformation:
+        """The optimizer on the pseudo-gradient global - mean.
+
+        none     the mean is the new global (plain FedAvg; optax.identity holds no state)
+        fedavgm  SGD with server momentum (Hsu et al. 2019); lr 1, momentum 0 is FedAvg
+        fedadam  Adam on the pseudo-gradient (Reddi et al. 2021), bias-corrected as optax's
+        """
+        if self.name == "fedavgm":
+            return optax.sgd(self.server_lr, momentum=self.server_momentum or None)
+        if self.name == "fedadam":
+            return optax.adam(self.server_lr, b1=self.server_b1, b2=self.server_b2,
+                              eps=self.server_eps)
+        return optax.identity()
+
+
+def server_optimizer(name: str, **hyper: float) -> optax.GradientTransformation:
+    """`ServerOptimizer(name, **hyper).tx()`: hyper are server_lr, server_momentum, ..."""
+    return ServerOptimizer(name, **hyper).tx()
 
 
 def client_finite(client_params) -> jax.Array:
@@ -51,24 +119,6 @@ def weighted_mean(client_params, weights: jax.Array):
     return jax.tree.map(mean, client_params)
 
 
-def server_optimizer(name: str, learning_rate: float = 1.0, momentum: float = 0.9,
-                     b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
-                     ) -> optax.GradientTransformation:
-    """The server's optimizer on the pseudo-gradient global - mean.
-
-    none     the mean is the new global (plain FedAvg; optax.identity holds no state)
-    fedavgm  SGD with server momentum (Hsu et al. 2019); lr 1, momentum 0 is FedAvg
-    fedadam  Adam on the pseudo-gradient (Reddi et al. 2021; eps = their tau, 1e-3)
-    """
-    if name == "none":
-        return optax.identity()
-    if name == "fedavgm":
-        return optax.sgd(learning_rate, momentum=momentum or None)
-    if name == "fedadam":
-        return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-    raise ValueError(f"unknown server optimizer {name!r}; known: {', '.join(SERVER_OPTIMIZERS)}")
-
-
 def server_step(global_params, mean, tx: optax.GradientTransformation, tx_state,
                 plain: bool, any_included: jax.Array):
     """(global, server state) after a round whose clients' weighted mean is `mean`.
@@ -88,23 +138,54 @@ def server_step(global_params, mean, tx: optax.GradientTransformation, tx_state,
             jax.tree.map(keep, new_state, tx_state))
 
 
-def sample_clients(num_clients: int, fraction: float, seed: int, round_index: int,
-                   eligible: np.ndarray | None = None) -> np.ndarray:
+def aggregate(global_params, client_params, num_samples: jax.Array,
+              server: ServerOptimizer, server_state):
+    """One round's aggregation, the same for the simulator and the Flower server (pure).
+
+    client_params: leaves [K, ...]; num_samples f32[K], 0 for a client not taking part.
+    A client is included when its weight is > 0 and its weights are finite; FedAvg over the
+    included, then the server optimizer. Returns (global, server_state, {finite bool[K],
+    included bool[K], weights f32[K]}); with no client included nothing changes.
+    """
+    metrics = inclusion(client_params, num_samples)
+    mean = weighted_mean(client_params, metrics["weights"])
+    global_params, server_state = server_step(global_params, mean, server.tx(), server_state,
+                                              plain=server.name == "none",
+                                              any_included=metrics["included"].any())
+    return global_params, server_state, metrics
+
+
+def inclusion(client_params, num_samples: jax.Array) -> dict[str, jax.Array]:
+    """Which clients count: {finite, included bool[K], weights f32[K] (FedAvg's)}."""
+    finite = client_finite(client_params)
+    included = (num_samples > 0) & finite
+    return {"finite": finite, "included": included,
+            "weights": fedavg_weights(num_samples, included)}
+
+
+@functools.lru_cache(maxsize=16)
+def aggregate_fn(server: ServerOptimizer):
+    """jit(aggregate) for one server optimizer (the Flower server's; the simulator compiles
+    `aggregate` into its end_round)."""
+    return jax.jit(lambda global_params, client_params, num_samples, server_state: aggregate(
+        global_params, client_params, num_samples, server, server_state))
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, round_index: int
+                   ) -> np.ndarray:
     """bool[K]: the clients taking part in a round, drawn from (seed, round) alone.
 
-    max(1, round(fraction * E)) of the E eligible clients, without replacement; all of them
-    when fraction >= 1. The draw depends on nothing but its arguments, so a resumed run
-    draws what the uninterrupted run drew.
+    max(1, round(fraction * K)) of the K clients, without replacement; all of them when
+    fraction >= 1. The draw depends on nothing but its arguments, so a resumed run (and the
+    Flower server) draws what the uninterrupted simulator drew.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"client fraction must be in (0, 1], got {fraction}")
-    eligible = np.ones(num_clients, bool) if eligible is None else np.asarray(eligible, bool)
-    pool = np.flatnonzero(eligible)
     chosen = np.zeros(num_clients, bool)
-    if fraction >= 1.0 or pool.size == 0:
-        chosen[pool] = True
+    if fraction >= 1.0 or num_clients == 0:
+        chosen[:] = True
         return chosen
-    count = max(1, int(round(fraction * pool.size)))
+    count = max(1, int(round(fraction * num_clients)))
     rng = np.random.default_rng([seed, round_index])
-    chosen[rng.choice(pool, size=count, replace=False)] = True
+    chosen[rng.choice(num_clients, size=count, replace=False)] = True
     return chosen

@@ -22,6 +22,8 @@ of failing inside Orbax or resuming silently on the wrong base model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
 import jax
@@ -63,6 +65,29 @@ def _real_clients(state: FedState, num_clients: int) -> FedState:
                          client_opt_state=jax.tree.map(cut, state.client_opt_state))
 
 
+def run_signature(federation: Federation) -> dict:
+    """What a checkpoint of this federation must match (JSON-able): mode, setting, model
+    config, clients."""
+    model_config = federation.model_config
+    if hasattr(model_config, "to_json"):
+        model_config = json.loads(model_config.to_json())
+    return {"mode": federation.config.mode, "setting": federation.config.setting,
+            "model_config": model_config, "num_clients": federation.num_clients,
+            "client_names": list(federation.client_names)}
+
+
+def frozen_fingerprint(frozen) -> str:
+    """sha256 of frozen weights (paths, dtypes, shapes, bytes). Checkpoints hold only what
+    training changes; this tells whether a resumed run froze the same (e.g. pretrained)
+    weights."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+        value = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
 def _spec(flat: dict[str, Any]) -> dict[str, list]:
     return {k: [list(np.shape(v)), str(np.dtype(v.dtype))] for k, v in flat.items()}
 
@@ -76,21 +101,32 @@ class FedCheckpointer:
     def __init__(self, directory, federation: Federation, *, max_to_keep: int | None = 3,
                  async_save: bool = True):
         self.federation = federation
+        self._fingerprint: str | None = None
         self.manager = ocp.CheckpointManager(
             directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True))
 
+    @property
+    def frozen_sha256(self) -> str:
+        """The federation's frozen fingerprint, computed once, on the host."""
+        if self._fingerprint is None:
+            self._fingerprint = frozen_fingerprint(self.federation.frozen)
+        return self._fingerprint
+
     def save(self, state: FedState, *, data_state: dict | None = None,
-             ledger: CommLedger | None = None, wait: bool = False) -> None:
+             ledger: CommLedger | None = None, run_config: dict | None = None,
+             wait: bool = False) -> None:
         """Checkpoint `state` as its round number. data_state: JSON-able (e.g. grain
-        iterator states); returns once the arrays are on the host unless wait=True."""
+        iterator states); run_config: JSON-able, what the run was started with (the caller
+        compares it on resume, see `read_meta`); returns once the arrays are on the host
+        unless wait=True."""
         fed = self.federation
         arrays = _flat(_real_clients(state, fed.num_clients))
-        meta = {"format": FORMAT, "round": int(state.round), **fed.signature(),
-                "frozen_sha256": fed.frozen_fingerprint,
+        meta = {"format": FORMAT, "round": int(state.round), **run_signature(fed),
+                "frozen_sha256": self.frozen_sha256,
                 "fed_config": fed.config.to_json(), "arrays": _spec(arrays),
-                "data_state": data_state or {},
+                "run_config": run_config, "data_state": data_state or {},
                 "ledger": None if ledger is None else ledger.to_json()}
         self.manager.save(int(state.round), args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
@@ -163,7 +199,7 @@ class FedCheckpointer:
         if meta.get("format") != FORMAT:
             raise CheckpointMismatch(f"{where} has format {meta.get('format')!r}, "
                                      f"expected {FORMAT!r}")
-        ours = self.federation.signature()
+        ours = run_signature(self.federation)
         problems = []
         for name in ("mode", "setting", "num_clients", "client_names"):
             if meta.get(name) != ours[name]:
@@ -187,12 +223,11 @@ class FedCheckpointer:
                 shown = "\n    ".join(keys[:8]) + (f"\n    ... {len(keys) - 8} more"
                                                    if len(keys) > 8 else "")
                 problems.append(f"{len(keys)} arrays {label}:\n    {shown}")
-        if check_frozen and not problems and meta.get("frozen_sha256") != \
-                self.federation.frozen_fingerprint:
+        if check_frozen and not problems and meta.get("frozen_sha256") != self.frozen_sha256:
             problems.append("frozen weights: this run's frozen (e.g. pretrained) weights are "
                             "not those the checkpoint was trained with (sha256 "
                             f"{str(meta.get('frozen_sha256'))[:12]}... vs "
-                            f"{self.federation.frozen_fingerprint[:12]}...); load the same "
+                            f"{self.frozen_sha256[:12]}...); load the same "
                             "base weights, or pass check_frozen=False")
         if problems:
             raise CheckpointMismatch(f"{where} is not a checkpoint of this federation:\n  "

@@ -7,34 +7,32 @@ global trainable weights, each client's trainable weights and optimizer state st
 leading client axis of K_pad (K real clients padded to the device layout, see sharding.py),
 the server optimizer's state, the base PRNG key and the round counter.
 
-A round is three jitted pure functions of that state, each donating the state it replaces:
+A round is four jitted pure functions of that state, each donating the state it replaces:
 
     begin_round(state)                                   every client starts from the global
                                                          weights (not in the local-only
                                                          baseline); optional optimizer reset
-    local_steps(frozen, state, batches, step_mask, mu)   S local steps of every client: a scan
-                                                         over steps inside a vmap over clients;
-                                                         masked steps leave weights AND
-                                                         optimizer state exactly unchanged
-    end_round(state, num_samples)                        FedAvg over the included clients and
-                                                         the server optimizer (aggregate.py)
+    local_steps(frozen, state, batches, step_mask,       S local steps of every client: a scan
+                client_ids, prox_mu)                     over steps inside a vmap over clients
+                                                         of `client_local_steps`; masked steps
+                                                         leave weights AND optimizer state
+                                                         exactly unchanged
+    finish_local(state)                                  a client whose weights went non-finite
+                                                         restarts its optimizer
+    end_round(state, num_samples)                        aggregation (aggregate.aggregate:
+                                                         FedAvg and the server optimizer)
 
-`local_steps` can be called several times per round on consecutive segments of steps, so a
-long epoch streams through memory S steps at a time; the per-step keys depend on the step's
-index in the round, not on the segmentation. `Federation` is the thin host-side driver:
-it pads and places arrays, samples clients, logs left-out clients and counts bytes.
-
-Baselines are settings of the same engine: 'centralised' (one client holding the pooled
-source sites), 'local' (no averaging; each client keeps training its own weights) and, in
-`plan_clients`, leave-one-site-out (the held-out site has FedAvg weight 0 and is only tested).
+`local_round` is the host side of one round's local work, shared by the simulator (K
+clients) and a Flower site (a Federation of its one client, `client_ids=(k,)`, so it draws
+client k's keys): the steps streamed S at a time through `local_steps`, then `finish_local`.
+The per-step keys depend on the client's id, the round and the step's index in the round,
+not on the segmentation or on which other clients train alongside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,13 +45,12 @@ import optax
 from flax import nnx
 
 from fedfms_jax.fed import aggregate, sharding
+from fedfms_jax.fed.clients import SETTINGS, client_steps, segments
 from fedfms_jax.fed.comm import RoundComm, round_comm
 from fedfms_jax.fed.partition import num_bytes, split
-from fedfms_jax.losses import weighted_bce
+from fedfms_jax.losses import segmentation_loss
 
 log = logging.getLogger(__name__)
-
-SETTINGS = ("federated", "centralised", "local")
 
 # loss_fn(model, batch, key) -> f32[]: one client's loss on one batch (leaves [B, ...]).
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], jax.Array]
@@ -74,17 +71,17 @@ class FedConfig:
     pos_weight: float = 2.0
     local_steps: int | None = None       # a fixed number of steps per round for every client,
     local_epochs: int | None = 1         # or epochs: ceil(n_k / batch) steps each, masked
-    drop_remainder: bool = False         # with epochs: floor(n_k / batch) instead of ceil
     reset_optimizer: bool = False        # True: fresh optimizer state every round
     prox_mu: float = 0.0                 # FedProx: + mu/2 ||w - w_global||^2 in the local loss
     # Server.
     client_fraction: float = 1.0         # fraction of clients drawn each round (seeded)
     server_optimizer: str = "none"       # aggregate.SERVER_OPTIMIZERS
-    server_lr: float = 1.0
-    server_momentum: float = 0.9         # FedAvgM
-    server_b1: float = 0.9               # FedAdam
-    server_b2: float = 0.99
-    server_eps: float = 1e-3
+    # Its hyper-parameters; None: the optimizer's default (aggregate.SERVER_DEFAULTS).
+    server_lr: float | None = None
+    server_momentum: float | None = None  # FedAvgM
+    server_b1: float | None = None        # FedAdam
+    server_b2: float | None = None
+    server_eps: float | None = None
     # Scale: clients trained at once (None: all); rounded up to a multiple of the devices.
     clients_per_step: int | None = None
     seed: int = 0                        # base PRNG key and client sampling
@@ -112,14 +109,20 @@ class FedConfig:
     def replace(self, **changes: Any) -> "FedConfig":
         return dataclasses.replace(self, **changes)
 
-    def local_optimizer(self) -> optax.GradientTransformation:
-        """Each client's optimizer: Adam (torch's defaults, as FedFMS)."""
-        return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
+    @property
+    def local(self) -> "LocalTraining":
+        """What the compiled local steps depend on (and all they can see)."""
+        return LocalTraining(self.learning_rate, self.b1, self.b2, self.eps, self.pos_weight)
 
-    def server_tx(self) -> optax.GradientTransformation:
-        return aggregate.server_optimizer(self.server_optimizer, self.server_lr,
-                                          self.server_momentum, self.server_b1,
-                                          self.server_b2, self.server_eps)
+    @property
+    def server(self) -> aggregate.ServerOptimizer:
+        """The server optimizer, its defaults filled in."""
+        return aggregate.ServerOptimizer(
+            self.server_optimizer, **{name: getattr(self, name)
+                                      for name in aggregate.SERVER_HYPERPARAMETERS})
+
+    def local_optimizer(self) -> optax.GradientTransformation:
+        return self.local.optimizer()
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,17 +148,31 @@ class FedState:
     server_opt_state: Any
 
 
-def segmentation_loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array, *,
-                      pos_weight: float = 2.0) -> jax.Array:
-    """FedFMS's loss on one batch: weighted BCE of `Sam.segment` against `mask_low_res`.
+@dataclasses.dataclass(frozen=True)
+class LocalTraining:
+    """A client's optimizer and loss: the key of the compiled local steps, which see nothing
+    else of a FedConfig (so no field can change without a recompile)."""
 
-    batch: image f32[B, S, S, 3], mask_low_res f32[B, L, L, C], optional valid bool[B] and
-    prompts (boxes f32[B, 4]; point_coords f32[B, N, 2] with point_labels i32[B, N]).
-    """
-    del key  # SAM has no dropout; kept so a loss with randomness has its key
-    logits = model.segment(batch["image"], point_coords=batch.get("point_coords"),
-                           point_labels=batch.get("point_labels"), boxes=batch.get("boxes"))
-    return weighted_bce(logits, batch["mask_low_res"], pos_weight, valid=batch.get("valid"))
+    learning_rate: float
+    b1: float
+    b2: float
+    eps: float
+    pos_weight: float
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """Each client's optimizer: Adam (torch's defaults, as FedFMS)."""
+        return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
+
+    def loss_fn(self) -> LossFn:
+        return functools.partial(segmentation_loss, pos_weight=self.pos_weight)
+
+
+def client_key(base_key: jax.Array, round_index: jax.Array, client_id: jax.Array) -> jax.Array:
+    """Client k's key of a round: fold_in(fold_in(key(seed), round), k); step t's key folds
+    in t. base_key: u32[2] key data. Folded, never split, so a resumed run, a Flower site and
+    the simulator draw the same keys."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(base_key),
+                                                 round_index), client_id)
 
 
 def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -195,37 +212,23 @@ def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return params, opt_state, losses
 
 
-# The config fields each compiled function depends on. Anything else (prox_mu, passed as an
-# array; sampling and step counts, decided on the host) changes without a recompile, and the
-# costly local-steps function is shared by every setting and server optimizer.
-_LOCAL_FIELDS = ("learning_rate", "b1", "b2", "eps", "pos_weight")
-_SERVER_FIELDS = _LOCAL_FIELDS + ("setting", "reset_optimizer", "server_optimizer", "server_lr",
-                                  "server_momentum", "server_b1", "server_b2", "server_eps")
-
-
-def _config_from(fields: tuple) -> FedConfig:
-    return FedConfig(**dict(fields))
-
-
 @functools.lru_cache(maxsize=32)
-def _local_steps_fn(graphdef: nnx.GraphDef, fields: tuple, loss_fn: LossFn | None,
+def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossFn | None,
                     mesh: jax.sharding.Mesh, num_padded: int, chunk: int) -> Callable:
-    """jit(local_steps) for one model, optimizer and layout (cached: every Federation with
-    the same pieces, e.g. one resumed from a checkpoint, reuses the compiled code).
+    """jit(local_steps) for one model, optimizer and layout (cached on exactly what it is
+    built from: every Federation with the same pieces, e.g. one resumed from a checkpoint,
+    reuses the compiled code).
 
     local_steps(frozen, state, batches [K_pad, S, B, ...], step_mask bool[K_pad, S],
-    prox_mu f32[]) -> (state, losses f32[K_pad, S]); donates the state.
+    client_ids i32[K_pad], prox_mu f32[]) -> (state, losses f32[K_pad, S]); donates the state.
     """
-    config = _config_from(fields)
-    tx = config.local_optimizer()
-    if loss_fn is None:
-        loss_fn = functools.partial(segmentation_loss, pos_weight=config.pos_weight)
-    train = jax.vmap(functools.partial(client_local_steps, graphdef, tx, loss_fn),
+    tx = local.optimizer()
+    train = jax.vmap(functools.partial(client_local_steps, graphdef, tx,
+                                       loss_fn or local.loss_fn()),
                      in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
 
-    def local_steps(frozen, state: FedState, batches, step_mask, prox_mu):
-        round_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.round)
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(round_key, jnp.arange(num_padded))
+    def local_steps(frozen, state: FedState, batches, step_mask, client_ids, prox_mu):
+        keys = jax.vmap(client_key, (None, None, 0))(state.key, state.round, client_ids)
         per_client = (state.client_params, state.client_opt_state, batches, step_mask, keys)
         if chunk == num_padded:
             params, opt_state, losses = train(frozen, state.global_params, *per_client,
@@ -245,17 +248,21 @@ def _local_steps_fn(graphdef: nnx.GraphDef, fields: tuple, loss_fn: LossFn | Non
 
 
 @functools.lru_cache(maxsize=32)
-def _round_edges_fn(fields: tuple, mesh: jax.sharding.Mesh,
-                    num_padded: int) -> tuple[Callable, Callable]:
-    """(jit(begin_round), jit(end_round)) for one setting and server; both donate the state.
+def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptimizer,
+                    setting: str, reset_optimizer: bool, mesh: jax.sharding.Mesh,
+                    num_padded: int) -> tuple[Callable, Callable, Callable]:
+    """(jit(begin_round), jit(finish_local), jit(end_round)) for one setting and server,
+    cached on exactly what they are built from; all donate the state.
 
     begin_round(state) -> state: clients start from the global weights (the local-only
     baseline keeps its own), optimizer states reset if configured.
+    finish_local(state) -> (state, finite bool[K_pad]): a client whose weights are not
+    finite restarts its optimizer (its Adam moments are likely NaN too and would spoil every
+    later round).
     end_round(state, num_samples f32[K_pad]) -> (state, {finite, included, weights}[K_pad]).
     """
-    config = _config_from(fields)
-    tx, server_tx = config.local_optimizer(), config.server_tx()
-    local = config.setting == "local"
+    tx = local_training.optimizer()
+    local = setting == "local"
 
     def stack(tree):
         stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_padded, *x.shape)), tree)
@@ -264,88 +271,33 @@ def _round_edges_fn(fields: tuple, mesh: jax.sharding.Mesh,
     def begin_round(state: FedState) -> FedState:
         params = state.client_params if local else stack(state.global_params)
         opt_state = state.client_opt_state
-        if config.reset_optimizer:
+        if reset_optimizer:
             opt_state = sharding.constrain_clients(jax.vmap(tx.init)(params), mesh)
         return state.replace(client_params=params, client_opt_state=opt_state,
                              local_step=jnp.zeros((), jnp.int32))
 
-    def end_round(state: FedState, num_samples: jax.Array):
+    def finish_local(state: FedState):
         finite = aggregate.client_finite(state.client_params)
-        included = (num_samples > 0) & finite
-        weights = aggregate.fedavg_weights(num_samples, included)
-        global_params, server_state = state.global_params, state.server_opt_state
-        if not local:
-            mean = aggregate.weighted_mean(state.client_params, weights)
-            global_params, server_state = aggregate.server_step(
-                global_params, mean, server_tx, server_state,
-                plain=config.server_optimizer == "none", any_included=included.any())
-        # A client whose weights went non-finite restarts its optimizer: its Adam moments
-        # are likely NaN too and would spoil every later round.
-        fresh = stack(tx.init(global_params))
+        fresh = stack(tx.init(state.global_params))
         opt_state = jax.tree.map(
             lambda o, f: jnp.where(finite.reshape(-1, *([1] * (o.ndim - 1))), o, f),
             state.client_opt_state, fresh)
+        return state.replace(client_opt_state=opt_state), finite
+
+    def end_round(state: FedState, num_samples: jax.Array):
+        if local:
+            metrics = aggregate.inclusion(state.client_params, num_samples)
+            global_params, server_state = state.global_params, state.server_opt_state
+        else:
+            global_params, server_state, metrics = aggregate.aggregate(
+                state.global_params, state.client_params, num_samples, server,
+                state.server_opt_state)
         state = state.replace(round=state.round + 1, global_params=global_params,
-                              client_opt_state=opt_state, server_opt_state=server_state)
-        return state, {"finite": finite, "included": included, "weights": weights}
+                              server_opt_state=server_state)
+        return state, metrics
 
-    return jax.jit(begin_round, donate_argnums=0), jax.jit(end_round, donate_argnums=0)
-
-
-def client_steps(num_samples: Sequence[int], batch_size: int, config: FedConfig) -> np.ndarray:
-    """int32[K] local steps per round: local_steps for all, or local_epochs * steps per epoch
-    of each client's data (ceil, or floor with drop_remainder), 0 for a client with no data."""
-    n = np.asarray(num_samples, np.int64)
-    if config.local_steps is not None:
-        return np.where(n > 0, config.local_steps, 0).astype(np.int32)
-    per_epoch = n // batch_size if config.drop_remainder else -(-n // batch_size)
-    return (config.local_epochs * per_epoch).astype(np.int32)
-
-
-def step_mask(steps: Sequence[int], total: int | None = None) -> np.ndarray:
-    """bool[K, T]: step t of client k is real when t < steps[k]; T = max(steps) by default."""
-    steps = np.asarray(steps)
-    total = int(steps.max()) if total is None else total
-    if steps.max(initial=0) > total:
-        raise ValueError(f"a client has {steps.max()} steps but the round has only {total}")
-    return np.arange(total)[None, :] < steps[:, None]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientPlan:
-    """Who trains in a run: clients (each a group of pooled sites) and the unseen sites.
-
-    names: one per client; sites: the sites pooled into each client; num_samples: each
-    client's training-sample count (its FedAvg weight); unseen_sites: held out of training,
-    only tested (weight 0; they get no client slot, which under vmap would cost a client's
-    compute for nothing).
-    """
-
-    setting: str
-    names: tuple[str, ...]
-    sites: tuple[tuple[str, ...], ...]
-    num_samples: tuple[int, ...]
-    unseen_sites: tuple[str, ...] = ()
-
-
-def plan_clients(site_samples: Mapping[str, int], setting: str = "federated",
-                 held_out: Sequence[str] = ()) -> ClientPlan:
-    """Sites -> clients for a setting: 'federated' and 'local' make one client per source
-    site; 'centralised' pools all source sites into one client. `held_out` sites
-    (leave-one-site-out) train in no setting and are only tested."""
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; known: {', '.join(SETTINGS)}")
-    unknown = [s for s in held_out if s not in site_samples]
-    if unknown:
-        raise ValueError(f"held-out sites {unknown} are not among the sites {list(site_samples)}")
-    sources = [s for s in site_samples if s not in held_out]
-    if not sources:
-        raise ValueError("every site is held out: nothing to train on")
-    if setting == "centralised":
-        return ClientPlan(setting, ("+".join(sources),), (tuple(sources),),
-                          (sum(site_samples[s] for s in sources),), tuple(held_out))
-    return ClientPlan(setting, tuple(sources), tuple((s,) for s in sources),
-                      tuple(site_samples[s] for s in sources), tuple(held_out))
+    return (jax.jit(begin_round, donate_argnums=0), jax.jit(finish_local, donate_argnums=0),
+            jax.jit(end_round, donate_argnums=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,13 +318,17 @@ class Federation:
     """Host-side driver of the engine: static pieces and the jitted round functions.
 
     model: an NNX model (e.g. Sam) built for config.mode; num_clients: K real clients
-    (named by client_names). mesh: a 'clients' mesh (default: every visible device).
-    loss_fn(model, batch, key) -> f32[] replaces `segmentation_loss`.
+    (named by client_names). client_ids: each client's id in the run, i32[K] (default
+    0..K-1): what its keys derive from, so a Flower site, a Federation of its one client,
+    passes its index k and trains as client k of the simulator. mesh: a 'clients' mesh
+    (default: every visible device). loss_fn(model, batch, key) -> f32[] replaces
+    `losses.segmentation_loss`.
     """
 
     def __init__(self, model: nnx.Module, config: FedConfig, num_clients: int, *,
                  mesh: jax.sharding.Mesh | None = None, loss_fn: LossFn | None = None,
-                 client_names: Sequence[str] | None = None):
+                 client_names: Sequence[str] | None = None,
+                 client_ids: Sequence[int] | None = None):
         if config.setting == "centralised" and num_clients != 1:
             raise ValueError(f"the centralised setting has one client (the pooled sites), "
                              f"got {num_clients}")
@@ -381,6 +337,10 @@ class Federation:
         self.client_names = tuple(client_names or (f"client{k}" for k in range(num_clients)))
         if len(self.client_names) != num_clients:
             raise ValueError(f"{len(self.client_names)} client names for {num_clients} clients")
+        ids = np.arange(num_clients) if client_ids is None else np.asarray(client_ids)
+        if ids.shape != (num_clients,):
+            raise ValueError(f"{ids.size} client ids for {num_clients} clients")
+        self.client_ids = ids.astype(np.int32)
         self.mesh = sharding.client_mesh() if mesh is None else mesh
         self.num_padded, self.chunk = sharding.layout(num_clients, self.mesh.size,
                                                       config.clients_per_step)
@@ -392,29 +352,33 @@ class Federation:
         self.frozen = sharding.place_replicated(frozen, self.mesh)
         self.model_config = getattr(model, "config", None)
         self.trainable_bytes = num_bytes(trainable)
-        fields = lambda names: tuple((name, getattr(config, name)) for name in names)
-        self._local_steps = _local_steps_fn(self.graphdef, fields(_LOCAL_FIELDS), loss_fn,
-                                            self.mesh, self.num_padded, self.chunk)
-        self._begin_round, self._end_round = _round_edges_fn(fields(_SERVER_FIELDS), self.mesh,
-                                                             self.num_padded)
+        self._local_steps = _local_steps_fn(self.graphdef, config.local, loss_fn, self.mesh,
+                                            self.num_padded, self.chunk)
+        self._begin_round, self._finish_local, self._end_round = _round_edges_fn(
+            config.local, config.server, config.setting, config.reset_optimizer, self.mesh,
+            self.num_padded)
 
     # --- state -------------------------------------------------------------------------
 
-    def init(self, params: nnx.State | None = None) -> FedState:
-        """The state before round 1: every client and the global model at `params` (default:
-        the model's trainable weights), fresh optimizer states, key from config.seed."""
+    def init(self, params: nnx.State | None = None, *, round_index: int = 0,
+             client_opt_state=None) -> FedState:
+        """The state before round `round_index` + 1: every client and the global model at
+        `params` (default: the model's trainable weights), the key from config.seed, fresh
+        optimizer states or `client_opt_state` (leaves [K, ...], e.g. a Flower site's own,
+        carried between rounds)."""
         params = self.initial_params if params is None else jax.tree.map(np.array, params)
-        stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x),
-                                                         (self.num_padded, *x.shape)), params)
-        tx = self.config.local_optimizer()
-        opt_state = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x),
-                                                           (self.num_padded, *x.shape)),
-                                 tx.init(params))
+        stack = lambda tree: jax.tree.map(
+            lambda x: np.broadcast_to(np.asarray(x), (self.num_padded, *np.shape(x))), tree)
+        if client_opt_state is None:
+            opt_state = stack(self.config.local_optimizer().init(params))
+        else:
+            opt_state = sharding.pad_clients(jax.tree.map(np.asarray, client_opt_state),
+                                             self.num_padded)
         key = jax.random.key_data(jax.random.key(self.config.seed))
         return self.place(FedState(
-            round=np.zeros((), np.int32), local_step=np.zeros((), np.int32), key=np.asarray(key),
-            global_params=params, client_params=stacked, client_opt_state=opt_state,
-            server_opt_state=self.config.server_tx().init(params)))
+            round=np.asarray(round_index, np.int32), local_step=np.zeros((), np.int32),
+            key=np.asarray(key), global_params=params, client_params=stack(params),
+            client_opt_state=opt_state, server_opt_state=self.config.server.tx().init(params)))
 
     def place(self, state: FedState) -> FedState:
         """Put a state on the mesh: per-client fields sharded, the rest replicated."""
@@ -429,11 +393,6 @@ class Federation:
         """The global model (global trainable weights + the shared frozen weights)."""
         return nnx.merge(self.graphdef, state.global_params, self.frozen)
 
-    def client_model(self, state: FedState, client: int) -> nnx.Module:
-        """Client k's own model (the local-only baseline evaluates these)."""
-        params = jax.tree.map(lambda x: x[client], state.client_params)
-        return nnx.merge(self.graphdef, params, self.frozen)
-
     # --- a round -----------------------------------------------------------------------
 
     def participants(self, round_index: int) -> np.ndarray:
@@ -442,8 +401,9 @@ class Federation:
                                         self.config.seed, round_index)
 
     def client_steps(self, num_samples: Sequence[int], batch_size: int) -> np.ndarray:
-        """int32[K] local steps each client takes per round (see `client_steps`)."""
-        return client_steps(num_samples, batch_size, self.config)
+        """int32[K] local steps each client takes per round (see `clients.client_steps`)."""
+        return client_steps(num_samples, batch_size, local_steps=self.config.local_steps,
+                            local_epochs=self.config.local_epochs)
 
     def begin_round(self, state: FedState) -> FedState:
         return self._begin_round(state)
@@ -460,11 +420,34 @@ class Federation:
         if bad:
             raise ValueError(f"batches must be [K, S, B, ...] with [K, S] = {mask.shape}; "
                              f"got {bad}")
+        ids = np.concatenate([self.client_ids, np.arange(self.num_padded - self.num_clients,
+                                                         dtype=np.int32) + _PADDING_ID])
         placed = sharding.place_clients(
-            sharding.pad_clients((dict(batches), mask), self.num_padded), self.mesh)
+            sharding.pad_clients((dict(batches), mask), self.num_padded) + (ids,), self.mesh)
         state, losses = self._local_steps(self.frozen, state, *placed,
-                                              np.float32(self.config.prox_mu))
+                                          np.float32(self.config.prox_mu))
         return state, np.asarray(losses)[:self.num_clients]
+
+    def finish_local(self, state: FedState) -> tuple[FedState, np.ndarray]:
+        """After a round's local steps: clients whose weights are not finite restart their
+        optimizer. Returns (state, finite bool[K])."""
+        state, finite = self._finish_local(state)
+        return state, np.asarray(finite)[:self.num_clients]
+
+    def local_round(self, state: FedState, steps: Sequence[int],
+                    draw: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+                    segment: int) -> tuple[FedState, np.ndarray | None, np.ndarray]:
+        """A round's local work after `begin_round`: client k takes steps[k] steps, streamed
+        `segment` at a time; draw(todo int32[K]) gives the segment's batches, leaves
+        [K, max(todo), B, ...] (client k's first todo[k] rows real). The simulator's and a
+        Flower site's one path. Returns (state, losses f32[K, T] or None, finite bool[K])."""
+        losses = []
+        for _, todo in segments(steps, segment):
+            mask = np.arange(int(todo.max()))[None, :] < todo[:, None]
+            state, segment_losses = self.local_steps(state, draw(todo), mask)
+            losses.append(segment_losses)
+        state, finite = self.finish_local(state)
+        return state, (np.concatenate(losses, axis=1) if losses else None), finite
 
     def end_round(self, state: FedState, num_samples: Sequence[float],
                   participating: np.ndarray | None = None,
@@ -494,15 +477,7 @@ class Federation:
         if len(bad) and not metrics["included"].any() and self.config.setting != "local":
             log.warning("round %d: no client update to average; the global weights are "
                         "unchanged", done)
-        if losses is None:
-            steps = np.zeros(self.num_clients, np.int32)
-            mean_loss = np.full(self.num_clients, np.nan, np.float32)
-        else:
-            losses = np.asarray(losses, np.float32)
-            steps = np.isfinite(losses).sum(axis=1).astype(np.int32)
-            with np.errstate(invalid="ignore"):
-                mean_loss = np.where(steps > 0, np.nansum(losses, axis=1) / np.maximum(steps, 1),
-                                     np.nan).astype(np.float32)
+        steps, mean_loss = loss_summary(losses, self.num_clients)
         comm = round_comm(taking_part, self.trainable_bytes,
                           communicates=self.config.setting == "federated")
         return state, RoundResult(round=done, participating=taking_part, steps=steps,
@@ -522,32 +497,25 @@ class Federation:
             taking_part &= self.participants(int(state.round))
         state = self.begin_round(state)
         state, losses = self.local_steps(state, batches, mask & taking_part[:, None])
+        state, _ = self.finish_local(state)
         return self.end_round(state, num_samples, taking_part, losses)
 
-    # --- identity, for checkpoints -------------------------------------------------------
 
-    def signature(self) -> dict:
-        """What a checkpoint of this federation must match (JSON-able)."""
-        model_config = self.model_config
-        if hasattr(model_config, "to_json"):
-            model_config = json.loads(model_config.to_json())
-        return {"mode": self.config.mode, "setting": self.config.setting,
-                "model_config": model_config, "num_clients": self.num_clients,
-                "client_names": list(self.client_names)}
-
-    @functools.cached_property
-    def frozen_fingerprint(self) -> str:
-        """sha256 of the frozen weights (paths, dtypes, shapes, bytes). Checkpoints hold
-        only what training changes; this tells whether a resumed run froze the same
-        (e.g. pretrained) weights. Computed once, on the host."""
-        digest = hashlib.sha256()
-        for path, leaf in jax.tree_util.tree_flatten_with_path(self.frozen)[0]:
-            value = np.asarray(leaf)
-            digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
-            digest.update(np.ascontiguousarray(value).tobytes())
-        return digest.hexdigest()
+# Padding clients (zero weight, all steps masked) get ids no real client has.
+_PADDING_ID = 1 << 30
 
 
-__all__ = ["FedConfig", "FedState", "Federation", "RoundResult", "ClientPlan", "SETTINGS",
-           "client_local_steps", "client_steps", "plan_clients", "segmentation_loss",
-           "step_mask"]
+def loss_summary(losses: np.ndarray | None, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps int32[K], mean loss f32[K]) of a round's losses f32[K, T] (NaN = masked step);
+    NaN mean for a client without steps."""
+    if losses is None:
+        return np.zeros(num_clients, np.int32), np.full(num_clients, np.nan, np.float32)
+    losses = np.asarray(losses, np.float32)
+    steps = np.isfinite(losses).sum(axis=1).astype(np.int32)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(steps > 0, np.nansum(losses, axis=1) / np.maximum(steps, 1), np.nan)
+    return steps, mean.astype(np.float32)
+
+
+__all__ = ["FedConfig", "FedState", "Federation", "LocalTraining", "RoundResult",
+           "client_key", "client_local_steps", "loss_summary"]

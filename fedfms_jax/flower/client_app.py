@@ -35,11 +35,13 @@ def _open_site(context: Context):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's identity, read from its data without building a model."""
-    from fedfms_jax.experiment import load_data
+    from fedfms_jax.build import load_data
+    from fedfms_jax.config import validate
     from fedfms_jax.flower.site import site_config
 
     settings = RunSettings.from_run_config(context.run_config)
     config, index, name = site_config(settings.config, context.node_config)
+    validate(config)
     site = load_data(config)[name]
     log(INFO, "site %d (%s): %d training and %d validation records", index, name,
         site.num_train, site.num_val)
@@ -60,8 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     log(INFO, "site %d (%s), round %d: received %d bytes", site.index, site.name,
         round_index + 1, arrays.message_bytes(incoming))
     global_params = arrays.from_arrayrecord(incoming, site.like, "the server's weights")
-    result = site.train(global_params, round_index, client,
-                        float(config.get("proximal-mu", 0.0)), context.state)
+    result = site.train(global_params, round_index, client, context.state)
     if not result.finite:
         log(WARNING, "site %d (%s), round %d: the update is not finite; the optimizer state "
             "is reset", site.index, site.name, round_index + 1)

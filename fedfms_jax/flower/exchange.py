@@ -65,15 +65,3 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
         time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
     return Outcome(replies, errors, sorted(node_of[m] for m in pending),
                    time.monotonic() - start)
-
-
-class FixedNodes:
-    """The part of a Grid that Flower's strategies use to sample nodes, restricted to a
-    given list: strategies then sample among live sites only and never wait for more
-    (their own wait for `min_available_nodes` is unbounded)."""
-
-    def __init__(self, node_ids: Iterable[int]):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)

@@ -33,6 +33,7 @@ import tomli_w
 from absl import app, flags
 from ml_collections import config_flags
 
+from fedfms_jax.config import ConfigError, validate
 from fedfms_jax.flower import bundle, certs
 from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_signals,
                                          free_port, tail, wait_for_port)
@@ -264,6 +265,13 @@ def main(argv) -> None:
         raise app.UsageError("--config is required")
     if _SITES.value is None:
         raise app.UsageError("--sites is required")
+    try:
+        # Before any process starts. The app alone (--write_app) may be written where the
+        # data is not: the sites check their own.
+        validate(config, data_here=not _WRITE_APP.value, federated=True)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if _WRITE_APP.value:
         settings = RunSettings(
             config_json=config_to_json(config), num_sites=_SITES.value,

@@ -3,8 +3,10 @@
     connect    wait (bounded) until the expected sites are connected, ask each who it is
                (site index, name, sample count), check that no site is there twice
     round r    the clients drawn as the simulator draws them (fed.aggregate.sample_clients)
-               get the global trainable weights; Flower's FedAvg / FedProx / FedAvgM /
-               FedAdam averages the replies weighted by 'num-examples' (training samples)
+               get the global trainable weights; the replies are aggregated by the
+               simulator's own code (fed.aggregate.aggregate: FedAvg weighted by
+               'num-examples', then the config's server optimizer: none, fedavgm or
+               fedadam), so one config is one algorithm wherever it runs
     evaluate   every eval.every rounds and after the last: each source site scores the
                global weights on its validation split, the unseen site on all its records
 Only the trainable subtree travels, as named arrays; every message's size is logged. The
@@ -26,31 +28,24 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from logging import INFO, WARNING
-from pathlib import Path
 
-import ml_collections
+import jax
 import numpy as np
 from flax import nnx
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
-from fedfms_jax.experiment import (ALGORITHMS, ConfigError, SiteScores, build_model,
-                                   eval_record, preprocessing_for)
-from fedfms_jax.fed.aggregate import sample_clients
+from fedfms_jax.build import build_model, preprocessing_for
+from fedfms_jax.config import fed_config, validate
+from fedfms_jax.experiment import SiteScores, eval_record
+from fedfms_jax.fed import aggregate
+from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
-from fedfms_jax.fed.round import FedConfig, plan_clients
 from fedfms_jax.flower import arrays
-from fedfms_jax.flower.exchange import FixedNodes, Outcome, exchange
+from fedfms_jax.flower.exchange import Outcome, exchange
 from fedfms_jax.flower.settings import RunSettings, enable_compilation_cache
-from fedfms_jax.run_log import RunLog
-from fedfms_jax.weights_file import flat_state, save_weights
-
-FINAL_WEIGHTS = "final.safetensors"
-# The runner's names and the engine's, for train.server_optimizer.
-SERVER_OPTIMIZERS = {"none": "none", "momentum": "fedavgm", "fedavgm": "fedavgm",
-                     "adam": "fedadam", "fedadam": "fedadam"}
+from fedfms_jax.run_log import RunLog, save_final
 
 app = ServerApp()
 
@@ -71,51 +66,6 @@ class SiteInfo:
         return f"site {self.index} ({self.name}, node {self.node})"
 
 
-def check_server_config(config: ml_collections.ConfigDict) -> None:
-    """What the server can check without any site's data."""
-    if config.algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm={config.algorithm!r}; known: {', '.join(ALGORITHMS)}")
-    if ALGORITHMS[config.algorithm] != "federated":
-        raise ConfigError(f"algorithm={config.algorithm} is a baseline without a federation "
-                          "(pooled or site-local data): run it with fedfms_jax.train")
-    if config.rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {config.rounds}")
-    if config.model.weights and not Path(config.model.weights).is_file():
-        raise ConfigError(f"model.weights: {config.model.weights} does not exist on the server")
-    if config.train.server_optimizer not in SERVER_OPTIMIZERS:
-        raise ConfigError(f"train.server_optimizer={config.train.server_optimizer!r}; known: "
-                          f"{', '.join(SERVER_OPTIMIZERS)}")
-    if not 0.0 < config.train.client_fraction <= 1.0:
-        raise ConfigError(f"train.client_fraction must be in (0, 1], got "
-                          f"{config.train.client_fraction}")
-
-
-def make_strategy(config: ml_collections.ConfigDict) -> Strategy:
-    """Flower's strategy for the config. Sampling is done before the strategy sees the
-    nodes (as the simulator samples), so the strategy takes every node it is given."""
-    every = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
-                 min_evaluate_nodes=1, min_available_nodes=1)
-    server = SERVER_OPTIMIZERS[config.train.server_optimizer]
-    defaults = FedConfig()
-    if config.algorithm == "fedprox":
-        if server != "none":
-            raise ConfigError("algorithm=fedprox with a server optimizer has no Flower strategy "
-                              "(FedProx averages plainly): set train.server_optimizer=none")
-        return FedProx(**every, proximal_mu=float(config.train.prox_mu))
-    if server == "none":
-        return FedAvg(**every)
-    if server == "fedavgm":
-        return FedAvgM(**every, server_learning_rate=float(config.train.server_lr),
-                       server_momentum=defaults.server_momentum)
-    return FedAdam(**every, eta=float(config.train.server_lr),
-                   eta_l=float(config.train.learning_rate), beta_1=defaults.server_b1,
-                   beta_2=defaults.server_b2, tau=defaults.server_eps)
-
-
-def all_finite(record: ArrayRecord) -> bool:
-    return all(np.isfinite(array.numpy()).all() for array in record.values())
-
-
 class Server:
     """One Flower run of an experiment config."""
 
@@ -123,14 +73,17 @@ class Server:
         self.grid = grid
         self.settings = settings
         self.config = settings.config
-        check_server_config(self.config)
+        # The sites hold the data (and check it); a weights file must be here too.
+        validate(self.config, data_here=False, federated=True)
         self.run_log = RunLog(settings.workdir) if settings.workdir else None
         model = build_model(self.config)
-        self.model_config = model.config
         self.graphdef, trainable, self.frozen = split(model, self.config.mode)
         self.like = trainable
+        self.fed_config = fed_config(self.config)
+        self.server = self.fed_config.server
+        self.global_params = jax.tree.map(np.asarray, trainable)
+        self.server_state = self.server.tx().init(self.global_params)
         self.global_arrays = arrays.to_arrayrecord(trainable)
-        self.strategy = make_strategy(self.config)
         self.lost: dict[str, str] = {}   # site name -> why it left the federation
         self.bytes_cumulative = 0
 
@@ -236,9 +189,9 @@ class Server:
             self.fail(done, f"round {done}: only {len(taking_part)} site(s) left "
                             f"(min-sites={self.settings.min_sites}); lost: {self.lost}")
         by_node = {s.node: s for s in taking_part}
-        messages = list(self.strategy.configure_train(
-            done, self.global_arrays, ConfigRecord({"client-sites": client_sites}),
-            FixedNodes(list(by_node))))
+        messages = [Message(RecordDict({"arrays": self.global_arrays, "config": ConfigRecord(
+            {"server-round": done, "client-sites": client_sites})}), dst_node_id=node,
+            message_type=MessageType.TRAIN) for node in by_node]
         down = arrays.message_bytes(self.global_arrays)
         for message in messages:
             log(INFO, "round %d: to %s: %d bytes", done, by_node[message.metadata.dst_node_id],
@@ -260,24 +213,14 @@ class Server:
             self.fail(done, f"round {done}: {len(outcome.replies)} site(s) replied, fewer than "
                             f"min-sites={self.settings.min_sites}; lost: {self.lost}")
 
-        kept, excluded, loss, steps = [], [], {}, {}
+        loss, steps, replies = {}, {}, []
         for node, reply in outcome.replies.items():
             site = by_node[node]
             metrics = reply.content["metrics"]
             loss[site.name] = float(metrics["loss"])
             steps[site.name] = int(metrics["steps"])
-            if all_finite(reply.content["arrays"]):
-                kept.append(reply)
-            else:
-                excluded.append(site.name)
-                log(WARNING, "round %d: %s sent a non-finite update: left out of the average",
-                    done, site)
-        if kept:
-            new_arrays, _ = self.strategy.aggregate_train(done, kept)
-            if new_arrays is not None:
-                self.global_arrays = arrays.cast_like(new_arrays, self.like)
-        else:
-            log(WARNING, "round %d: no update to average; the global weights are unchanged", done)
+            replies.append((site, reply))
+        excluded = self.aggregate(done, replies)
         total = down * len(messages) + sum(up.values())
         self.bytes_cumulative += total
         ordered = [s.name for s in taking_part]
@@ -315,20 +258,41 @@ class Server:
             if scores:
                 self.write(eval_record(done, split_, scores, tuple(s.name for s in unseen)))
 
-    def global_params(self):
-        return arrays.from_arrayrecord(self.global_arrays, self.like, "the global weights")
+    def aggregate(self, done: int, replies: list) -> list[str]:
+        """The round's new global weights from the replies [(SiteInfo, Message)], by the
+        simulator's aggregation (non-finite replies left out, as there). Returns the names
+        of the sites left out."""
+        if not replies:
+            log(WARNING, "round %d: no update to average; the global weights are unchanged",
+                done)
+            return []
+        trees = [arrays.from_arrayrecord(reply.content["arrays"], self.like,
+                                         f"the reply of {site}") for site, reply in replies]
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+        num_samples = np.array([float(reply.content["metrics"]["num-examples"])
+                                for _, reply in replies], np.float32)
+        new, self.server_state, metrics = aggregate.aggregate_fn(self.server)(
+            self.global_params, stacked, num_samples, self.server_state)
+        self.global_params = jax.tree.map(np.asarray, new)
+        self.global_arrays = arrays.to_arrayrecord(self.global_params)
+        excluded = [site.name for (site, _), ok in zip(replies, np.asarray(metrics["finite"]))
+                    if not ok]
+        for name in excluded:
+            log(WARNING, "round %d: %s sent a non-finite update: left out of the average",
+                done, name)
+        if len(excluded) == len(replies):
+            log(WARNING, "round %d: no update to average; the global weights are unchanged",
+                done)
+        return excluded
 
     def save_final(self) -> str | None:
         """The global model (frozen + global trainable weights) as a weights file."""
         if not self.settings.workdir:
             return None
-        model = nnx.merge(self.graphdef, self.global_params(), self.frozen)
-        path = Path(self.settings.workdir) / FINAL_WEIGHTS
-        save_weights(path, flat_state(model), self.model_config,
-                     {"trained_by": "fedfms_jax.flower", "mode": self.config.mode,
-                      "algorithm": self.config.algorithm, "rounds": str(self.config.rounds)},
-                     preprocessing=preprocessing_for(self.config, self.model_config))
-        return str(path)
+        model = nnx.merge(self.graphdef, self.global_params, self.frozen)
+        return str(save_final(self.settings.workdir, model, self.config, self.config.rounds,
+                              "fedfms_jax.flower",
+                              preprocessing=preprocessing_for(self.config, model.config)))
 
 
 @app.main()

@@ -3,14 +3,13 @@
 A site reads only its own data: the experiment config with `data.sites` narrowed to its site
 and no unseen site. Everything else is the simulator's own code, so a Flower site trains
 exactly as client k of `fedfms_jax.train`:
-  * the model, data pipeline options and scoring come from `fedfms_jax.experiment.Experiment`;
-  * local training is `fed.round.client_local_steps` (the per-client function the simulator
-    vmaps over clients) under jit, with client k's key of the round and the same step
-    segments (train.steps_per_segment);
-  * the data stream is client k's pipeline (seed config.seed * 1000 + k), continued from
-    where the site's previous round stopped;
-  * Adam's state is carried across rounds (unless train.reset_optimizer), and reset when an
-    update goes non-finite, as the engine's end_round does.
+  * the config is checked (config.validate) and turned into the model, data and client
+    plan by fedfms_jax.build, as the simulator's Experiment does;
+  * local training is the engine's: a Federation of this one client with client id k
+    (`Federation.local_round`: the same jitted local steps, keys of client k, segments of
+    train.steps_per_segment, and the optimizer reset after a non-finite update);
+  * the data stream is client k's (`streams.ClientStreams`, seeded from k), continued from
+    where the site's previous round stopped.
 What the simulator keeps in its FedState per client (optimizer state, data iterator), a
 Flower site keeps in Context.state, which stays on the site's machine between rounds.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import time
 from collections.abc import Mapping
@@ -27,17 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
+from fedfms_jax import build
+from fedfms_jax.config import ConfigError, validate
 from fedfms_jax.data.records import natural_key
-from fedfms_jax.experiment import (TRAIN_FIELDS, ConfigError, Experiment, SiteScores,
-                                   load_data)
-from fedfms_jax.fed.round import client_local_steps, segmentation_loss
+from fedfms_jax.experiment import Experiment, SiteScores
+from fedfms_jax.fed.partition import split
+from fedfms_jax.fed.round import loss_summary
 from fedfms_jax.flower import arrays
 from fedfms_jax.flower.settings import site_index
+from fedfms_jax.streams import ClientStreams, pipeline_options
 
 OPTIMIZER_STATE = "fedfms-optimizer"
 SITE_STATE = "fedfms-site"
@@ -50,7 +50,7 @@ def site_names(config: ml_collections.ConfigDict) -> list[str]:
     if d.sites:
         return [n for n in d.sites.split(",") if n]
     if d.layout == "synthetic":
-        return list(load_data(config))
+        return list(build.load_data(config))
     root = Path(d.root)
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} does not exist or is not a folder (set it with "
@@ -94,76 +94,54 @@ class TrainResult:
 
 
 class LocalSite:
-    """This site's experiment: built once per message (Flower runs each message in a
+    """This site's model and data, built once per message (Flower runs each message in a
     fresh ClientApp process)."""
 
     def __init__(self, config: ml_collections.ConfigDict, node_config: Mapping[str, Any]):
         self.config, self.index, self.name = site_config(config, node_config)
-        self.experiment = Experiment(self.config)
-        self.site = self.experiment.sites[self.name]
-        federation = self.experiment.federation
-        self.fed_config = federation.config
-        self.tx = self.fed_config.local_optimizer()
-        self.graphdef = federation.graphdef
-        self.frozen = federation.frozen
-        self.like = federation.initial_params
-        loss_fn = functools.partial(segmentation_loss, pos_weight=self.fed_config.pos_weight)
-        self._train_fn = jax.jit(functools.partial(client_local_steps, self.graphdef, self.tx,
-                                                   loss_fn))
+        validate(self.config)
+        self.site = build.load_data(self.config)[self.name]
+        self.model = build.build_model(self.config)
+        self.plan = build.plan(self.config, {self.name: self.site.num_train})
+        _, self.like, _ = split(self.model, self.config.mode)
 
-    @property
-    def steps_per_round(self) -> int:
-        return int(self.experiment.steps[0])
-
-    def client_key(self, round_index: int, client: int) -> jax.Array:
-        """Client k's key of a round, derived as the engine's local_steps derives it:
-        fold_in(fold_in(key(seed), round), k)."""
-        base = jax.random.wrap_key_data(jax.random.key_data(jax.random.key(self.fed_config.seed)))
-        return jax.random.fold_in(jax.random.fold_in(base, round_index), client)
-
-    def train(self, global_params, round_index: int, client: int, prox_mu: float,
+    def train(self, global_params, round_index: int, client: int,
               state: RecordDict) -> TrainResult:
-        """The site's local work of one round, from the global weights; `state` (the
-        site's Context.state) carries the optimizer and data position between rounds."""
+        """The site's local work of one round as client `client`, from the global weights;
+        `state` (the site's Context.state) carries the optimizer and data position between
+        rounds."""
         began = time.perf_counter()
-        if OPTIMIZER_STATE in state.array_records and not self.fed_config.reset_optimizer:
-            opt_state = arrays.tree_from_arrayrecord(state.array_records[OPTIMIZER_STATE],
-                                                     self.tx.init(global_params))
-        else:
-            opt_state = self.tx.init(global_params)
-        iterator = iter(self.experiment._train_pipeline(self.site.train, client))
+        federation = build.federation(self.config, self.model, self.plan, client_ids=[client])
+        saved_opt = None
+        if OPTIMIZER_STATE in state.array_records:
+            like = federation.config.local_optimizer().init(global_params)
+            saved_opt = jax.tree.map(lambda x: np.asarray(x)[None], arrays.tree_from_arrayrecord(
+                state.array_records[OPTIMIZER_STATE], like))
+        options = pipeline_options(self.config, build.image_size(self.config, self.model),
+                                   self.model.config.low_res_size)
+        streams = ClientStreams(self.config, [self.site.train], [client], options)
         saved = state.config_records.get(SITE_STATE)
         if saved is not None:
             if int(saved["client"]) != client:
                 raise ConfigError(f"site {self.name} was client {saved['client']} of this run "
                                   f"and is now told it is client {client}")
-            iterator.set_state(json.loads(saved["iterator"]))
-        params = global_params
-        steps = self.steps_per_round
-        segment = max(1, self.config.train.steps_per_segment)
-        key = self.client_key(round_index, client)
-        losses = []
-        for start in range(0, steps, segment):
-            todo = min(segment, steps - start)
-            batches = [next(iterator) for _ in range(todo)]
-            stacked = {f: np.stack([b[f] for b in batches]) for f in TRAIN_FIELDS
-                       if f in batches[0]}
-            params, opt_state, segment_losses = self._train_fn(
-                self.frozen, global_params, params, opt_state, stacked,
-                np.ones(todo, bool), key, jnp.int32(start), jnp.float32(prox_mu))
-            losses.append(np.asarray(segment_losses))
-        finite = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
-        if not finite:
-            # As the engine: the moments of a diverged client are likely NaN too.
-            opt_state = self.tx.init(global_params)
-        state.array_records[OPTIMIZER_STATE] = arrays.tree_to_arrayrecord(opt_state)
+            streams.set_states([json.loads(saved["iterator"])])
+        steps = federation.client_steps(self.plan.num_samples, self.config.data.batch_size)
+        fed_state = federation.begin_round(federation.init(
+            global_params, round_index=round_index, client_opt_state=saved_opt))
+        fed_state, losses, finite = federation.local_round(
+            fed_state, steps, streams.next_batches, self.config.train.steps_per_segment)
+        first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)
+        state.array_records[OPTIMIZER_STATE] = arrays.tree_to_arrayrecord(
+            first(fed_state.client_opt_state))
         state.config_records[SITE_STATE] = ConfigRecord(
-            {"client": client, "iterator": json.dumps(iterator.get_state()),
+            {"client": client, "iterator": json.dumps(streams.states()[0]),
              "round": round_index + 1})
-        losses = np.concatenate(losses) if losses else np.zeros(0, np.float32)
-        return TrainResult(params=params, num_examples=self.site.num_train, steps=steps,
-                           mean_loss=float(np.mean(losses)) if losses.size else float("nan"),
-                           finite=finite, seconds=time.perf_counter() - began)
+        _, mean_loss = loss_summary(losses, 1)
+        return TrainResult(params=first(fed_state.client_params),
+                           num_examples=self.site.num_train, steps=int(steps[0]),
+                           mean_loss=float(mean_loss[0]),
+                           finite=bool(finite[0]), seconds=time.perf_counter() - began)
 
     def evaluate(self, params, split: str) -> SiteScores:
         """Scores of the given weights on the site's validation split ('val'), or on all of
@@ -176,4 +154,4 @@ class LocalSite:
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if not records:
             raise ConfigError(f"site {self.name} has no records for split {split!r}")
-        return self.experiment.score(params, records)
+        return Experiment(self.config).score(params, records)

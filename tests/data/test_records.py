@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fedfms_jax.data.records import (DataError, LabelSpec, Record, Site, case_and_slice,
-                                     check_pair, fedavg_weights, split_cases,
+from fedfms_jax.data.records import (DataError, LabelSpec, Record, case_and_slice,
+                                     check_pair, split_cases,
                                      steps_per_epoch, to_uint8_image)
 
 
@@ -123,9 +123,6 @@ def test_data_errors_pickle():
         "/d/a.png", "mask without an image", "/d/a.png: mask without an image")
 
 
-def test_steps_and_fedavg_weights():
+def test_steps_per_epoch():
+    # FedAvg weights are the engine's (fed.aggregate.fedavg_weights, tests/fed).
     assert steps_per_epoch(10, 4) == 2 and steps_per_epoch(10, 4, drop_remainder=False) == 3
-    sites = {"a": Site("a", _records(["x"] * 3), []), "b": Site("b", _records(["y"]), []),
-             "c": Site("c", _records(["z"] * 4), [])}
-    assert fedavg_weights(sites) == {"a": 3 / 8, "b": 1 / 8, "c": 4 / 8}
-    assert fedavg_weights(sites, exclude=["c"]) == {"a": 0.75, "b": 0.25, "c": 0.0}

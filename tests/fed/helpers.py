@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedfms_jax.fed.round import FedConfig, Federation, step_mask
+from fedfms_jax.fed.clients import step_mask
+from fedfms_jax.fed.round import FedConfig, Federation
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import Sam, get_config
 

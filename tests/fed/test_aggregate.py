@@ -10,7 +10,8 @@ import pytest
 
 from fedfms_jax.fed import aggregate, sharding
 from fedfms_jax.fed.comm import CommLedger, round_comm
-from fedfms_jax.fed.round import FedConfig, client_steps, plan_clients, step_mask
+from fedfms_jax.fed.clients import client_steps, plan_clients, step_mask
+from fedfms_jax.fed.round import FedConfig
 from tests.numerics import EPS32, relative_error
 
 
@@ -63,7 +64,7 @@ def test_fedavgm_without_momentum_at_lr_1_is_fedavg():
     rng = np.random.default_rng(2)
     params = {"w": jnp.asarray(rng.normal(size=(5,)).astype(np.float32))}
     mean = {"w": jnp.asarray(rng.normal(size=(5,)).astype(np.float32))}
-    tx = aggregate.server_optimizer("fedavgm", learning_rate=1.0, momentum=0.0)
+    tx = aggregate.server_optimizer("fedavgm", server_lr=1.0, server_momentum=0.0)
     new, _ = aggregate.server_step(params, mean, tx, tx.init(params), plain=False,
                                    any_included=jnp.array(True))
     assert relative_error(new["w"], mean["w"]) <= 4 * EPS32
@@ -74,7 +75,7 @@ def test_server_momentum_and_fedadam_follow_their_update_rules():
     mean = {"w": jnp.array([0.5, -1.0])}        # pseudo-gradient g = params - mean
     g = np.array([0.5, -1.0])
     # FedAvgM: v1 = g, w1 = w0 - lr v1; round 2 with the same mean: v2 = m v1 + g2.
-    tx = aggregate.server_optimizer("fedavgm", learning_rate=0.5, momentum=0.9)
+    tx = aggregate.server_optimizer("fedavgm", server_lr=0.5, server_momentum=0.9)
     w1, s1 = aggregate.server_step(params, mean, tx, tx.init(params), False, jnp.array(True))
     np.testing.assert_allclose(np.asarray(w1["w"]), [1.0, -2.0] - 0.5 * g, rtol=1e-6)
     w2, _ = aggregate.server_step(w1, mean, tx, s1, False, jnp.array(True))
@@ -82,12 +83,50 @@ def test_server_momentum_and_fedadam_follow_their_update_rules():
     np.testing.assert_allclose(np.asarray(w2["w"]), np.asarray(w1["w"]) - 0.5 * (0.9 * g + g2),
                                rtol=1e-6)
     # FedAdam, first step (bias-corrected): update = lr * g / (|g| + eps).
-    tx = aggregate.server_optimizer("fedadam", learning_rate=0.1, eps=1e-3)
+    tx = aggregate.server_optimizer("fedadam", server_lr=0.1, server_eps=1e-3)
     w1, _ = aggregate.server_step(params, mean, tx, tx.init(params), False, jnp.array(True))
     np.testing.assert_allclose(np.asarray(w1["w"]),
                                [1.0, -2.0] - 0.1 * g / (np.abs(g) + 1e-3), rtol=1e-6)
     with pytest.raises(ValueError, match="fedyogi"):
         aggregate.server_optimizer("fedyogi")
+
+
+def test_server_optimizer_defaults_are_filled_and_safe_for_a_pretrained_model():
+    """Unset hyper-parameters take the optimizer's defaults; one FedAdam round moves no
+    weight by more than its server_lr (1e-3), however large the pseudo-gradient, where
+    optax's lr 1 would move every weight by ~1."""
+    adam = FedConfig(server_optimizer="fedadam").server
+    assert (adam.server_lr, adam.server_b1, adam.server_b2, adam.server_eps) == (
+        1e-3, 0.9, 0.99, 1e-3)
+    assert adam.server_momentum is None
+    assert FedConfig(server_optimizer="fedavgm", server_lr=0.5).server == \
+        aggregate.ServerOptimizer("fedavgm", server_lr=0.5, server_momentum=0.9)
+    # A hyper-parameter the optimizer does not have does not make it another optimizer.
+    assert FedConfig(server_optimizer="none", server_b1=0.5).server == aggregate.ServerOptimizer()
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(0, 0.02, size=(64,)).astype(np.float32))}
+    clients = {"w": params["w"][None] + jnp.asarray(rng.normal(0, 0.5, (3, 64)), jnp.float32)}
+    new, _, _ = aggregate.aggregate(params, clients, jnp.ones(3), adam,
+                                    adam.tx().init(params))
+    moved = float(jnp.max(jnp.abs(new["w"] - params["w"])))
+    assert 0.5e-3 < moved <= 1e-3 * (1 + 1e-5)
+
+
+def test_aggregate_is_fedavg_then_the_server_step_over_included_clients():
+    rng = np.random.default_rng(4)
+    clients = _clients(rng, 3)
+    clients["w"][2, 0, 0] = np.nan
+    params = {k: v[0] * 0.5 for k, v in clients.items()}
+    n = jnp.array([3.0, 1.0, 5.0])
+    server = aggregate.ServerOptimizer("fedavgm", server_lr=0.7)
+    new, state, metrics = aggregate.aggregate(params, clients, n, server,
+                                              server.tx().init(params))
+    np.testing.assert_array_equal(np.asarray(metrics["included"]), [True, True, False])
+    np.testing.assert_allclose(np.asarray(metrics["weights"]), [0.75, 0.25, 0.0])
+    for k, x in clients.items():
+        mean = 0.75 * x[0] + 0.25 * x[1]
+        np.testing.assert_allclose(np.asarray(new[k]), params[k] - 0.7 * (params[k] - mean),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_client_sampling_is_seeded_and_sized():
@@ -98,8 +137,6 @@ def test_client_sampling_is_seeded_and_sized():
     np.testing.assert_array_equal(again, draws[4])                     # replays exactly
     assert aggregate.sample_clients(10, 0.01, seed=0, round_index=0).sum() == 1
     assert aggregate.sample_clients(4, 1.0, seed=0, round_index=0).all()
-    eligible = np.array([True, False, True, True])
-    assert not aggregate.sample_clients(4, 0.5, 0, 0, eligible)[1]
     with pytest.raises(ValueError, match="fraction"):
         aggregate.sample_clients(4, 0.0, 0, 0)
 
@@ -128,12 +165,12 @@ def test_chunks_round_trip_and_keep_each_devices_clients():
 
 
 def test_steps_per_round_and_masks():
-    cfg = FedConfig(mode="decoder")
-    np.testing.assert_array_equal(client_steps([6, 2, 5, 0], 2, cfg), [3, 1, 3, 0])
+    epochs = dict(local_steps=None, local_epochs=1)
+    np.testing.assert_array_equal(client_steps([6, 2, 5, 0], 2, **epochs), [3, 1, 3, 0])
     np.testing.assert_array_equal(
-        client_steps([6, 2, 5], 2, cfg.replace(drop_remainder=True, local_epochs=2)), [6, 2, 4])
+        client_steps([6, 2, 5], 2, local_steps=None, local_epochs=2), [6, 2, 6])
     np.testing.assert_array_equal(
-        client_steps([6, 2, 0], 2, cfg.replace(local_epochs=None, local_steps=4)), [4, 4, 0])
+        client_steps([6, 2, 0], 2, local_steps=4, local_epochs=None), [4, 4, 0])
     np.testing.assert_array_equal(step_mask([2, 0, 3]),
                                   [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
     with pytest.raises(ValueError, match="only 2"):

@@ -1,0 +1,73 @@
+"""The clients' training data streams: one endless, shuffled grain pipeline per client,
+drawn a segment of steps at a time, with states for exact resume.
+
+Client k's stream is seeded `stream_seed(config.seed, k)` from its id k in the run, so the
+simulator's client k and the Flower site that is client k draw the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedfms_jax.data import make_pipeline
+from fedfms_jax.data.records import Record
+
+# Batch fields the loss reads; the full-size mask and record indices stay on the host.
+TRAIN_FIELDS = ("image", "mask_low_res", "valid", "boxes", "point_coords", "point_labels")
+
+
+def stream_seed(seed: int, client: int) -> int:
+    return seed * 1000 + client
+
+
+def pipeline_options(config: ml_collections.ConfigDict, image_size: int,
+                     low_res_size: int) -> dict:
+    """make_dataset's options of the config's data (training and scoring alike)."""
+    d = config.data
+    return dict(image_size=image_size, batch_size=d.batch_size, low_res_size=low_res_size,
+                normalise=d.normalise, prompt=d.prompt, num_classes=config.model.num_classes)
+
+
+class ClientStreams:
+    """Training batches of K clients. client_records[k]: client k's records; client_ids[k]:
+    its id in the run (its seed); options: `pipeline_options`."""
+
+    def __init__(self, config: ml_collections.ConfigDict,
+                 client_records: Sequence[Sequence[Record]], client_ids: Sequence[int],
+                 options: dict):
+        self.iterators = [
+            iter(make_pipeline(records, **options, seed=stream_seed(config.seed, int(k)),
+                               shuffle=True, augment=config.data.augment, drop_remainder=False,
+                               num_epochs=None, num_threads=config.data.num_threads))
+            for k, records in zip(client_ids, client_records)]
+        self._template = None
+
+    def states(self) -> list:
+        return [it.get_state() for it in self.iterators]
+
+    def set_states(self, states: Sequence) -> None:
+        if len(states) != len(self.iterators):
+            raise ValueError(f"{len(states)} data iterator states for {len(self.iterators)} "
+                             "clients")
+        for it, state in zip(self.iterators, states):
+            it.set_state(state)
+
+    def next_batches(self, todo: Sequence[int]) -> dict[str, np.ndarray]:
+        """[K, S, B, ...] batches, S = max(todo): client k draws todo[k] batches, the rest of
+        its S rows are zeros (masked steps), so no client's data order depends on another's."""
+        per_client = []
+        for k, n in enumerate(todo):
+            batches = [{f: b[f] for f in TRAIN_FIELDS if f in b}
+                       for b in (next(self.iterators[k]) for _ in range(int(n)))]
+            if self._template is None and batches:
+                self._template = jax.tree.map(np.zeros_like, batches[0])
+            per_client.append(batches)
+        total = int(max(todo))
+        return {field: np.stack([np.stack([b[field] for b in batches]
+                                          + [self._template[field]] * (total - len(batches)))
+                                 for batches in per_client])
+                for field in self._template}
