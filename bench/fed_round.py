@@ -46,7 +46,8 @@ def measure(variant: str, mode: str, clients: int, steps: int, batch: int, round
     from flax import nnx
 
     from fedfms_jax.fed.partition import config_for_mode
-    from fedfms_jax.fed.round import FedConfig, Federation, step_mask
+    from fedfms_jax.fed.clients import step_mask
+    from fedfms_jax.fed.round import FedConfig, Federation
     from fedfms_jax.models import Sam, get_config
 
     config = config_for_mode(get_config(variant), mode)

@@ -182,7 +182,7 @@ class Server:
                     client_sites: list[int]) -> None:
         done = round_index + 1
         began = time.perf_counter()
-        drawn = sample_clients(len(clients), float(self.config.train.client_fraction),
+        drawn = aggregate.sample_clients(len(clients), float(self.config.train.client_fraction),
                                int(self.config.seed), round_index)
         taking_part = [s for s, d in zip(clients, drawn) if d and s.name not in self.lost]
         if self.lost and len(taking_part) < self.settings.min_sites:

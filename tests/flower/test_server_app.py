@@ -9,7 +9,8 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MetricRe
                       RecordDict)
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedfms_jax.experiment import ConfigError, build_model
+from fedfms_jax.build import build_model
+from fedfms_jax.config import ConfigError
 from fedfms_jax.fed import aggregate
 from fedfms_jax.flower import arrays, server_app
 from fedfms_jax.flower.server_app import FederationError, Server
@@ -149,41 +150,32 @@ def test_unseen_site_is_only_tested(tmp_path):
     assert evals["test"]["dice_unseen"] == pytest.approx(0.2)
 
 
-def test_fedprox_sends_mu_and_fedavgm_equals_the_engines_server_momentum(tmp_path):
+@pytest.mark.parametrize("server, hyper", [
+    ("fedavgm", {"train.server_lr": 0.7}),
+    ("fedadam", {"train.server_lr": 0.05, "train.server_b2": 0.9}),
+    ("fedadam", {}),   # the defaults, the ones a user gets
+])
+def test_server_optimizers_are_the_engines(tmp_path, server, hyper):
+    """Two rounds of FedAvgM / FedAdam on the server equal fed.aggregate's own server step
+    (the simulator's) on the same replies; FedProx runs with any server optimizer."""
     sites = [FakeSite(0, "a", 3, delta=0.5), FakeSite(1, "b", 1, delta=-0.25)]
-    server = make_server(FakeGrid(sites), tmp_path / "prox", 2, rounds=1, algorithm="fedprox",
-                         **{"train.prox_mu": 0.3})
-    server.run()
-    assert sites[0].received[1].content["config"]["proximal-mu"] == pytest.approx(0.3)
-
-    sites = [FakeSite(0, "a", 3, delta=0.5), FakeSite(1, "b", 1, delta=-0.25)]
-    server = make_server(FakeGrid(sites), tmp_path / "m", 2, rounds=2,
-                         **{"train.server_optimizer": "momentum", "train.server_lr": 0.7})
-    before = trainable(server)
-    server.run()
-    tx = aggregate.server_optimizer("fedavgm", learning_rate=0.7, momentum=0.9)
+    server_ = make_server(FakeGrid(sites), tmp_path, 2, rounds=2, algorithm="fedprox",
+                          **{"train.server_optimizer": server, **hyper})
+    before = trainable(server_)
+    server_.run()
+    assert "proximal-mu" not in sites[0].received[1].content["config"]  # the config says it
+    given = {k.removeprefix("train."): v for k, v in hyper.items()}
+    tx = aggregate.server_optimizer(server, **given)
     w = {k: np.asarray(v) for k, v in before.items()}
     state = tx.init(w)
     for _ in range(2):  # both sites move every weight: mean = w + 0.3125
         mean = {k: v + (3 * 0.5 + 1 * -0.25) / 4 for k, v in w.items()}
         w, state = aggregate.server_step(w, mean, tx, state, plain=False, any_included=True)
-    for name, value in trainable(server).items():
-        np.testing.assert_allclose(value, w[name], rtol=1e-5, atol=1e-6)
-
-
-def test_fedadam_is_flowers_reddi_et_al(tmp_path):
-    """Flower's FedAdam (bias corrections at t = round + 1, tau outside them); the engine's
-    optax-based 'fedadam' differs, so this strategy is checked against its own formula."""
-    sites = [FakeSite(0, "a", 1, delta=0.2), FakeSite(1, "b", 1, delta=0.2)]
-    server = make_server(FakeGrid(sites), tmp_path, 2, rounds=1,
-                         **{"train.server_optimizer": "adam", "train.server_lr": 0.1})
-    before = trainable(server)
-    server.run()
-    delta, b1, b2, tau = 0.2, 0.9, 0.99, 1e-3
-    m, v = (1 - b1) * delta, (1 - b2) * delta ** 2
-    step = 0.1 * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2) * m / (np.sqrt(v) + tau)
-    for name, value in trainable(server).items():
-        np.testing.assert_allclose(value, before[name] + step, rtol=1e-5, atol=1e-6)
+    moved = max(float(np.max(np.abs(w[k] - before[k]))) for k in w)
+    assert moved > 1e-4
+    for name, value in trainable(server_).items():
+        # float32 rounding of weights of size ~1 plus Adam's normalised steps
+        np.testing.assert_allclose(value, w[name], rtol=1e-5, atol=1e-6 * (1 + moved))
 
 
 def test_a_failed_site_fails_the_run_naming_it(tmp_path):
@@ -268,8 +260,9 @@ def test_an_unseen_site_that_did_not_connect_is_named(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"algorithm": "central"}, "baseline without a federation"),
-    ({"algorithm": "fedprox", "train.server_optimizer": "adam"}, "no Flower strategy"),
-    ({"train.server_optimizer": "sgd"}, "train.server_optimizer='sgd'"),
+    ({"train.server_optimizer": "adam"}, "train.server_optimizer='adam' is not one of: none, "
+                                         "fedavgm, fedadam"),
+    ({"train.server_lr": 0.1}, "train.server_lr is set, but train.server_optimizer='none'"),
 ])
 def test_configs_flower_cannot_run_are_refused(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
