@@ -5,22 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedfms_jax.config import ConfigError, load_config_file, validate
 from fedfms_jax.evaluate import RunError, evaluate
 from fedfms_jax.fed.checkpoint import CheckpointMismatch
-from fedfms_jax.experiment import ConfigError, load_config_file
-from fedfms_jax.run_log import read_records
-from fedfms_jax.train import FINAL_WEIGHTS, run
+from fedfms_jax.run_log import FINAL_WEIGHTS, read_records
+from fedfms_jax.train import run
 from fedfms_jax.weights_file import read_weights
 
 
 def small_config(**changes):
     """tests/tiny_config.py (configs/demo.py shrunk: random tiny SAM, 3 small synthetic
     sites, site3 unseen, 2 rounds) with `changes`."""
-    config = load_config_file("tests/tiny_config.py")
+    config = load_config_file(Path(__file__).parent / "tiny_config.py")
     config.update(changes)
     return config
 
@@ -43,6 +44,8 @@ def test_run_logs_evaluates_and_resumes_exactly(tmp_path, monkeypatch):
     assert 0 <= first["val"]["site1"].dice <= 1
     printed = []
     config.rounds = 3
+    config.eval.every = 3   # how often it evaluates cannot change the trajectory: allowed
+    config.data.num_threads = 1
     run(config, interrupted, echo=printed.append)
     assert any("resumed" in line and "round 2" in line for line in printed)
     run(config, straight)
@@ -65,6 +68,20 @@ def test_run_logs_evaluates_and_resumes_exactly(tmp_path, monkeypatch):
         evaluate(tmp_path / "nowhere")
 
     saved = (straight / "config.json").read_text()
+    # A config that would change the trajectory is refused, naming every field; nothing
+    # of the run is touched.
+    changed = small_config()
+    changed.update(mode="fedmsa", rounds=4, seed=5)
+    changed.data.batch_size = 2
+    changed.train.local_epochs = 2
+    changed.train.client_fraction = 0.5
+    changed.train.learning_rate = 3e-3
+    with pytest.raises(CheckpointMismatch) as refused:
+        run(changed, straight)
+    for field in ("seed: checkpoint 0, this run 5", "data.batch_size: checkpoint 4, this run 2",
+                  "train.local_epochs", "train.client_fraction", "train.learning_rate"):
+        assert field in str(refused.value)
+    assert "rounds" not in str(refused.value).split("(")[0]
     config.mode = "decoder"
     with pytest.raises(CheckpointMismatch, match="mode"):
         run(config, straight)
@@ -78,10 +95,12 @@ def set_weights(c):
 
 def set_missing_root(c):
     c.data.layout, c.data.root = "folders", "/no/such/folder"
+    c.data.options = {}
 
 
 def set_empty_root(c):
     c.data.layout, c.data.root = "fedfms", ""
+    c.data.options = {}
 
 
 def set_algorithm(c):
@@ -113,14 +132,88 @@ def test_bad_config_fails_before_compiling(tmp_path, change, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_error_exit_code(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "fedfms_jax.train", "--config", "configs/demo.py",
-         "--workdir", str(tmp_path / "run"), "--config.model.weights=nowhere.safetensors"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "nowhere.safetensors does not exist" in result.stderr
+def _bad_run(workdir):
+    """A workdir whose config.json names an unknown server optimizer (as a hand edit would)."""
+    workdir.mkdir()
+    config = load_config_file("configs/demo.py").to_dict()
+    config["train"]["server_optimizer"] = "adam"
+    (workdir / "config.json").write_text(json.dumps(config))
+    return str(workdir)
+
+
+@pytest.mark.parametrize("command, message", [
+    (["fedfms_jax.train", "--config", "configs/demo.py", "--workdir", "{tmp}/run",
+      "--config.model.weights=nowhere.safetensors"], "nowhere.safetensors does not exist"),
+    # The demo's synthetic options do not belong to the NIfTI layout (was a TypeError).
+    (["fedfms_jax.train", "--config", "configs/demo.py", "--workdir", "{tmp}/run",
+      "--config.data.layout=nifti", "--config.data.root={tmp}"],
+     "data.options image_size, num_sites, per_site do not belong to the nifti layout, whose "
+     "options are: slab, percentiles, window, keep_empty, modality, seed"),
+    (["fedfms_jax.evaluate", "--workdir", "{bad_run}"],
+     "train.server_optimizer='adam' is not one of: none, fedavgm, fedadam"),
+    (["fedfms_jax.demo", "--rounds", "0", "--out", "{tmp}/run"], "rounds=0 must be >= 1"),
+    (["fedfms_jax.flower.local", "--config", "configs/demo.py", "--sites", "3", "--workdir",
+      "{tmp}/run", "--config.algorithm=central"], "algorithm=central is a baseline"),
+])
+def test_cli_config_errors_exit_2_with_one_sentence(tmp_path, command, message):
+    bad_run = _bad_run(tmp_path / "bad") if "{bad_run}" in command else ""
+    args = [a.format(tmp=tmp_path, bad_run=bad_run) for a in command]
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _set(config, key, value):
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mode", "fedsamx", "mode='fedsamx' is not one of: fedsam, fedmsa, fedlora, decoder"),
+    ("data.layout", "dicom", "data.layout='dicom' is not one of: fedfms, folders, nifti, "
+                             "synthetic"),
+    ("data.normalise", "imagenet", "data.normalise='imagenet' is not one of: unit, sam"),
+    ("data.prompt", "boxes", "data.prompt='boxes' is not one of: none, box, points"),
+    ("model.dtype", "float16", "model.dtype='float16' is not one of: float32, bfloat16"),
+    ("eval.metrics", "dice", "eval.metrics='dice' is not one of: sigmoid, fedfms"),
+    ("train.server_optimizer", "momentum", "train.server_optimizer='momentum' is not one of"),
+    ("train.client_fraction", 0.0, "train.client_fraction=0.0 must be > 0 and <= 1"),
+    ("data.batch_size", 0, "data.batch_size=0 must be >= 1"),
+    ("train.learning_rate", "1e-3", "train.learning_rate='1e-3' must be a number"),
+    ("train.server_momentum", 0.5, "train.server_momentum is set, but "
+                                   "train.server_optimizer='none' (plain FedAvg) has no"),
+    ("data.options.window", (0, 1), "data.options window do not belong to the synthetic "
+                                    "layout"),
+    ("data.root", "/tmp", "data.root='/tmp' is set, but the synthetic layout is generated"),
+    ("data.label_map", "1-1", "data.label_map='1-1' must be 'raw:class' pairs"),
+    ("train.sever_lr", 0.1, "unknown key train.sever_lr; section 'train' has: adam_eps"),
+])
+def test_every_bad_value_is_named_before_any_data_is_read(key, value, message):
+    config = small_config().to_dict()  # a dict: ConfigDict would refuse a str for a float
+    _set(config, key, value)
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    assert message in str(error.value)
+
+
+def test_server_optimizer_keys_follow_the_optimizer():
+    config = small_config()
+    config.train.server_optimizer = "fedadam"
+    config.train.server_b2 = 0.999
+    validate(config)
+    config.train.server_momentum = 0.9
+    with pytest.raises(ConfigError, match="takes only train.server_lr, train.server_b1"):
+        validate(config)
+    config = small_config(algorithm="local")
+    config.train.server_optimizer = "fedavgm"
+    with pytest.raises(ConfigError, match="algorithm=local has no server"):
+        validate(config)
 
 
 def test_unseen_site_must_exist(tmp_path):
