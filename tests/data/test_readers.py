@@ -220,3 +220,20 @@ def test_layout_and_option_errors(tmp_path):
     make_folders_site(tmp_path, "s")
     with pytest.raises(TypeError, match="keep_empty"):
         load_sites("folders", tmp_path, keep_empty=0.5)
+
+
+def test_layout_options_table_is_what_the_readers_take():
+    """readers.LAYOUT_OPTIONS (what the config validator allows in data.options) lists
+    exactly each reader's keyword options, so neither can drift from the other."""
+    import inspect
+
+    from fedfms_jax.data import nifti, readers, synthetic
+
+    takes = {"fedfms": readers.read_fedfms_site, "folders": readers.read_folders_site,
+             "nifti": nifti.read_site, "synthetic": synthetic.make_synthetic_sites}
+    assert set(takes) == set(readers.LAYOUTS) == set(readers.LAYOUT_OPTIONS)
+    handled = {"seed", "num_classes"}  # passed by load_sites itself
+    for layout, reader in takes.items():
+        keywords = {name for name, p in inspect.signature(reader).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty)} - handled
+        assert keywords == set(readers.LAYOUT_OPTIONS[layout]), layout
