@@ -28,7 +28,7 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
 
     from bench import torch_reference as ref
     from bench import workloads as w
-    from tests.torch_fedfms import build_torch_fedfms
+    from fedfms_jax_reference.fedfms import build_torch_fedfms
 
     baseline = rss_mb()
     env = w.Env(device, dtype)

@@ -27,8 +27,8 @@ from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import Sam, SamConfig, get_config
 from fedfms_jax.weights_file import check_shapes, expected_shapes, flat_path
-from tests.torch_fedfms import build_torch_fedfms
-from tests.torch_sam import state_dict_numpy
+from fedfms_jax_reference.fedfms import build_torch_fedfms
+from fedfms_jax_reference.sam import state_dict_numpy
 from weights.convert import torch_to_flax
 
 DTYPES = {"f32": ("float32", None), "bf16": ("bfloat16", torch.bfloat16)}

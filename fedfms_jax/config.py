@@ -53,6 +53,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "data.layout": LAYOUTS,
     "data.normalise": ("unit", "sam"),
     "data.prompt": ("none", "box", "points"),
+    "data.resize": ("stretch", "longest_side"),
     "train.server_optimizer": SERVER_OPTIMIZERS,
     "data.resize": RESIZE_MODES,
     "eval.mode": EVAL_MODES,
@@ -93,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.normalise = "unit"  # unit (FedFMS: x / 255) | sam (ImageNet mean/std)
     c.data.resize = "stretch"  # stretch (to S x S, FedFMS) | longest_side (SAM's, zero-padded)
     c.data.prompt = "none"     # none (FedFMS's prompt-free mode) | box | points
+    c.data.box_jitter = 0.05   # prompt=box: each side moved by up to this share of the side
+    c.data.num_positive = 1    # prompt=points: foreground points per example ...
+    c.data.num_negative = 0    # ... and background points
+    c.data.per_component = False  # each example targets one connected component (nuclei)
+    c.data.min_component_size = 1  # with per_component: smaller components are ignored
+    c.data.resize = "stretch"  # stretch to S x S | longest_side (keep aspect, pad, as SAM)
     c.data.augment = False
     c.data.skip_bad = False    # skip (and count) bad files instead of stopping
     c.data.label_map = ""      # e.g. "1:1,2:1" to merge labels 1 and 2 into class 1
@@ -211,6 +218,7 @@ def validate(config, *, data_here: bool = True, federated: bool = False) -> None
                 "checkpoint_every", "model.num_classes"):
         _number(c, key, 1, integer=True)
     for key in ("seed", "data.image_size", "data.num_threads", "train.local_epochs",
+                "data.num_positive", "data.num_negative", "data.min_component_size",
                 "train.local_steps", "train.clients_per_step", "train.steps_per_segment",
                 "model.lora_rank"):
         _number(c, key, 0, integer=True)
@@ -220,6 +228,13 @@ def validate(config, *, data_here: bool = True, federated: bool = False) -> None
     _number(c, "train.prox_mu", 0)
     _number(c, "train.client_fraction", 0, 1, low_open=True)
     _number(c, "data.val_fraction", 0, 1)
+    _number(c, "data.box_jitter", 0, 1)
+    d = c["data"]
+    if d["prompt"] == "points" and d["num_positive"] + d["num_negative"] == 0:
+        raise ConfigError("data.prompt='points' needs data.num_positive + data.num_negative > 0")
+    if d["per_component"] and c["model"]["num_classes"] != 1:
+        raise ConfigError("data.per_component=True needs binary masks (model.num_classes=1), "
+                          f"got model.num_classes={c['model']['num_classes']}")
     t = c["train"]
     if t["local_steps"] == 0 and t["local_epochs"] == 0:
         raise ConfigError("train.local_epochs=0 and train.local_steps=0: give one of them > 0 "

@@ -29,7 +29,10 @@ def pipeline_options(config: ml_collections.ConfigDict, image_size: int,
     """make_dataset's options of the config's data (training and scoring alike)."""
     d = config.data
     return dict(image_size=image_size, batch_size=d.batch_size, low_res_size=low_res_size,
-                normalise=d.normalise, prompt=d.prompt, num_classes=config.model.num_classes)
+                normalise=d.normalise, prompt=d.prompt, num_classes=config.model.num_classes,
+                resize=d.resize, box_jitter=d.box_jitter, num_positive=d.num_positive,
+                num_negative=d.num_negative, per_component=d.per_component,
+                min_component_size=d.min_component_size)
 
 
 class ClientStreams:

@@ -8,7 +8,7 @@ import torch
 
 from fedfms_jax.models import get_config
 from fedfms_jax.weights_file import WeightsError, load_sam, read_weights, flat_state
-from tests.torch_sam import build_torch_sam, state_dict_numpy
+from fedfms_jax_reference.sam import build_torch_sam, state_dict_numpy
 from weights.convert import ConversionError, flax_to_torch, infer_config, main, torch_to_flax
 
 

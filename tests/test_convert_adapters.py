@@ -9,8 +9,8 @@ import torch
 
 from fedfms_jax.models import get_config
 from fedfms_jax.weights_file import flat_state, load_sam, read_weights
-from tests.torch_fedfms import build_torch_fedfms
-from tests.torch_sam import state_dict_numpy
+from fedfms_jax_reference.fedfms import build_torch_fedfms
+from fedfms_jax_reference.sam import state_dict_numpy
 from weights.convert import ConversionError, flax_to_torch, infer_config, main, torch_to_flax
 
 MSA = get_config("tiny", adapter="msa")

@@ -15,7 +15,7 @@ from fedfms_jax.predict import main
 from fedfms_jax.weights_file import save_weights
 from tests.numerics import (assert_matches_reference, float64_copy, pinned_matmul_precision,
                             to_float64)
-from tests.torch_sam import build_torch_sam, state_dict_numpy
+from fedfms_jax_reference.sam import build_torch_sam, state_dict_numpy
 from weights.convert import torch_to_flax
 
 HEIGHT, WIDTH = 97, 150  # landscape, odd sizes: exercises resize, pad, crop and upsample

@@ -223,3 +223,18 @@ def test_unseen_site_must_exist(tmp_path):
         run(config, tmp_path / "run")
 
 
+
+
+def test_prompt_and_resize_keys_reach_the_pipeline():
+    """data.prompt / box_jitter / resize are config keys the training streams use."""
+    from fedfms_jax.build import load_data
+    from fedfms_jax.streams import ClientStreams, pipeline_options
+
+    config = small_config()
+    config.data.prompt, config.data.box_jitter, config.data.resize = "box", 0.0, "longest_side"
+    validate(config)
+    site = load_data(config)["site1"]
+    streams = ClientStreams(config, [site.train], [0], pipeline_options(config, 128, 32))
+    batch = streams.next_batches([1])
+    assert batch["boxes"].shape == (1, 1, config.data.batch_size, 4)
+    assert batch["image"].shape == (1, 1, config.data.batch_size, 128, 128, 3)

@@ -1,6 +1,6 @@
 """The Medical SAM Adapter, LoRA and the class head: their init, the pretrained function at
 step 0, and stage-by-stage parity with a PyTorch reference (official SAM modules plus the
-upstream adapter formula, tests/torch_fedfms.py) converted through weights/convert.py.
+upstream adapter formula, fedfms_jax_reference/fedfms.py) converted through weights/convert.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fedfms_jax.models.sam import extend
 from fedfms_jax.weights_file import load_sam, save_weights
 from tests.fast_build import FAST_COMPILE, random_sam
 from tests.numerics import assert_matches_reference, float64_copy, pinned_matmul_precision
-from tests.torch_fedfms import build_torch_fedfms, torch_segment
-from tests.torch_sam import state_dict_numpy
+from fedfms_jax_reference.fedfms import build_torch_fedfms, torch_segment
+from fedfms_jax_reference.sam import state_dict_numpy
 from weights.convert import torch_to_flax
 
 

@@ -19,7 +19,7 @@ from fedfms_jax.models.image_encoder import get_rel_pos
 from fedfms_jax.weights_file import load_sam, save_weights
 from tests.numerics import (assert_matches_reference, float64_copy, pinned_matmul_precision,
                             to_float64)
-from tests.torch_sam import build_torch_sam, modeling, state_dict_numpy
+from fedfms_jax_reference.sam import build_torch_sam, modeling, state_dict_numpy
 from weights.convert import torch_to_flax
 
 

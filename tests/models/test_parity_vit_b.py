@@ -15,7 +15,7 @@ from PIL import Image
 from fedfms_jax.models import get_config, preprocess, transform_coords
 from fedfms_jax.predict import main as predict_main
 from fedfms_jax.weights_file import load_sam
-from tests.torch_sam import build_torch_sam
+from fedfms_jax_reference.sam import build_torch_sam
 from weights.convert import main as convert_main
 
 pytestmark = pytest.mark.slow

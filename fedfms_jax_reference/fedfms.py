@@ -1,4 +1,4 @@
-"""A PyTorch reference for the FedFMS model: the official SAM (tests/torch_sam.py) with the
+"""A PyTorch reference for the FedFMS model: the official SAM (fedfms_jax_reference/sam.py) with the
 upstream Medical SAM Adapter formula in every encoder block, PEFT-style LoRA on qkv and the
 multi-class 1x1 conv, built from a SamConfig with random weights.
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedfms_jax.models import SamConfig
-from tests.torch_sam import build_torch_sam, modeling, randomise
+from fedfms_jax_reference.sam import build_torch_sam, modeling, randomise
 
 
 class TorchAdapter(nn.Module):
