@@ -304,3 +304,18 @@ def test_four_devices_equal_one_device(run, tmp_path):
         assert_training_matches(four_client, flat(client_slice(one.client_params, c)),
                                 flat(run.initial.global_params), rtol=RTOL_ORDER,
                                 noise_bound=noise)
+
+
+def test_compiled_functions_are_keyed_by_what_they_are_built_from(run):
+    """The jitted local steps are shared by configs whose local training is the same, and
+    rebuilt when any field of it changes (the cache key is the frozen LocalTraining, the
+    only thing the function sees); the round edges likewise follow the server optimizer."""
+    same = Federation(run.model, config(prox_mu=1.0, client_fraction=0.4, seed=3,
+                                        server_optimizer="fedadam"), NUM_CLIENTS)
+    assert same._local_steps is run.fed._local_steps
+    assert same._end_round is not run.fed._end_round
+    for change in ({"pos_weight": 3.0}, {"eps": 1e-8}, {"b2": 0.99}, {"learning_rate": 2e-3}):
+        other = Federation(run.model, config(**change), NUM_CLIENTS)
+        assert other._local_steps is not run.fed._local_steps, change
+    assert Federation(run.model, config(server_optimizer="fedadam", server_lr=0.01),
+                      NUM_CLIENTS)._end_round is not same._end_round

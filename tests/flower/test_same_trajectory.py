@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedfms_jax.experiment import Experiment
 from fedfms_jax.flower import arrays, client_app
@@ -21,18 +20,10 @@ from fedfms_jax.flower.server_app import Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
 from fedfms_jax.weights_file import flat_path
 from tests.flower.test_deployment import tiny_config
-from tests.flower.test_server_app import FakeGrid
+from tests.flower.test_server_app import FakeGrid, serverapp_identity  # noqa: F401 (autouse)
 
 HANDLERS = {"query": client_app.query, "train": client_app.train,
             "evaluate": client_app.evaluate}
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 class InProcessSite:
