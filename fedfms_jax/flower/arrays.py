@@ -84,21 +84,6 @@ def from_arrayrecord(record: ArrayRecord, like: nnx.State,
     return from_arrays(arrays_of(record), like, source)
 
 
-def cast_like(record: ArrayRecord, like: nnx.State) -> ArrayRecord:
-    """The record with every array in the dtype of `like`'s leaf of the same name (Flower's
-    FedAdam and FedAvgM compute in float64; the weights must travel in their own dtype)."""
-    dtypes = {flat_path(path): np.dtype(variable.get_value().dtype)
-              for path, variable in nnx.to_flat_state(like)}
-    out = {}
-    for name, array in record.items():
-        dtype = dtypes.get(name)
-        if dtype is None or np.dtype(array.dtype) == dtype:
-            out[name] = array
-        else:
-            out[name] = _array(array.numpy().astype(dtype))
-    return ArrayRecord(out)
-
-
 def tree_to_arrayrecord(tree) -> ArrayRecord:
     """Any pytree of arrays (an optimizer state) -> ArrayRecord keyed by its tree paths.
     For state a site keeps between rounds (Flower's Context.state); it never leaves the site."""

@@ -1,4 +1,4 @@
-"""The ServerApp: the federation's rounds, averaged by Flower's strategies.
+"""The ServerApp: the federation's rounds, aggregated by the simulator's own code.
 
     connect    wait (bounded) until the expected sites are connected, ask each who it is
                (site index, name, sample count), check that no site is there twice
