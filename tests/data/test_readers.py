@@ -230,7 +230,8 @@ def test_layout_options_table_is_what_the_readers_take():
     from fedfms_jax.data import nifti, readers, synthetic
 
     takes = {"fedfms": readers.read_fedfms_site, "folders": readers.read_folders_site,
-             "nifti": nifti.read_site, "synthetic": synthetic.make_synthetic_sites}
+             "volumes": nifti.read_site, "nifti": nifti.read_site,
+             "synthetic": synthetic.make_synthetic_sites}
     assert set(takes) == set(readers.LAYOUTS) == set(readers.LAYOUT_OPTIONS)
     handled = {"seed", "num_classes"}  # passed by load_sites itself
     for layout, reader in takes.items():
