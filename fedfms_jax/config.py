@@ -201,12 +201,14 @@ def _number(config: dict, key: str, low: float | None = None, high: float | None
         raise ConfigError(f"{key}={value!r} must be <= {high}")
 
 
-def validate(config, *, data_here: bool = True, federated: bool = False) -> None:
+def validate(config, *, data_here: bool = True, weights_here: bool = True,
+             federated: bool = False) -> None:
     """Checks a whole experiment config before anything is read or built; raises ConfigError
     naming the key, its value and what it may be.
 
-    data_here: the data root (and weights file) must exist on this machine (False on the
-    Flower server, whose sites hold the data). federated: the run needs a server (Flower).
+    data_here: the data root must exist on this machine (False on the Flower server, whose
+    sites hold the data); weights_here: likewise model.weights (False where only the app is
+    written). federated: the run needs a server (Flower).
     """
     c = _as_dict(config)
     _unknown_keys(c)
@@ -263,7 +265,7 @@ def validate(config, *, data_here: bool = True, federated: bool = False) -> None
     except ValueError as error:
         raise ConfigError(str(error)) from None
     weights = c["model"]["weights"]
-    if data_here and weights and not Path(weights).is_file():
+    if weights_here and weights and not Path(weights).is_file():
         raise ConfigError(f"model.weights: {weights} does not exist (convert an official "
                           "checkpoint with weights/convert.py)")
 

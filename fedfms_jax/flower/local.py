@@ -268,7 +268,8 @@ def main(argv) -> None:
     try:
         # Before any process starts. The app alone (--write_app) may be written where the
         # data is not: the sites check their own.
-        validate(config, data_here=not _WRITE_APP.value, federated=True)
+        here = not _WRITE_APP.value
+        validate(config, data_here=here, weights_here=here, federated=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
