@@ -171,7 +171,6 @@ def main(argv) -> None:
     try:
         run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except (ConfigError, DataError, WeightsError, CheckpointMismatch) as error:
-        logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
