@@ -1,7 +1,7 @@
 """The PyTorch side of the benchmarks, written the plain way FedFMS's code is.
 
 The model is the official SAM with, for FedMSA, the upstream Medical SAM Adapter in every
-encoder block (tests/torch_fedfms.build_torch_fedfms, the parity tests' reference too):
+encoder block (fedfms_jax_reference.fedfms.build_torch_fedfms, the parity tests' reference too):
 
     x = shortcut + Space_Adapter(attn(norm1(x)))                   serial, with skip
     x = x + mlp(norm2(x)) + 0.5 * MLP_Adapter(norm2(x))            parallel, no skip
