@@ -53,7 +53,6 @@ NAMES: dict[str, tuple[str, ...]] = {
     "data.layout": LAYOUTS,
     "data.normalise": ("unit", "sam"),
     "data.prompt": ("none", "box", "points"),
-    "data.resize": ("stretch", "longest_side"),
     "train.server_optimizer": SERVER_OPTIMIZERS,
     "data.resize": RESIZE_MODES,
     "eval.mode": EVAL_MODES,
@@ -99,7 +98,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_negative = 0    # ... and background points
     c.data.per_component = False  # each example targets one connected component (nuclei)
     c.data.min_component_size = 1  # with per_component: smaller components are ignored
-    c.data.resize = "stretch"  # stretch to S x S | longest_side (keep aspect, pad, as SAM)
     c.data.augment = False
     c.data.skip_bad = False    # skip (and count) bad files instead of stopping
     c.data.label_map = ""      # e.g. "1:1,2:1" to merge labels 1 and 2 into class 1
