@@ -17,6 +17,18 @@ from fedfms_jax.models.variants import SamConfig
 
 VIT_LAYER_NORM_EPS = 1e-6
 
+# Rematerialisation of the encoder blocks under differentiation (jax.checkpoint per block):
+#   off:    every intermediate of the forward is kept for the backward (fastest, most memory);
+#   blocks: the block's linear-layer outputs (matmuls without batch dimensions) are kept, the
+#           attention maps ([heads, tokens, tokens] per window or image: 0.8 GB per global
+#           block of ViT-B at 1024) are recomputed in the backward;
+#   full:   only each block's input is kept; the whole block is recomputed.
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+REMAT_MODES = ("off", *REMAT_POLICIES)
+
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
     """Relative position embeddings for every (query, key) pair along one axis.
@@ -157,6 +169,30 @@ class Block(nnx.Module):
         return out
 
 
+def _remat_blocks(blocks, x: jax.Array, remat: str) -> jax.Array:
+    """The blocks applied to x under jax.checkpoint with the remat mode's policy.
+
+    SAM's blocks repeat with a period (ViT-B: window, window, global), so the periods run as
+    one lax.scan over groups of blocks: the backward then recomputes one group at a time.
+    Unrolled, XLA's CPU scheduler moves every recomputation ahead and keeps all of them
+    alive, which saves nothing. A pure function of the blocks' states: the engine calls the
+    model inside its own jax.grad, outside any NNX transform.
+    """
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    period = next(p for p in range(1, len(blocks) + 1) if len(blocks) % p == 0 and all(
+        graphdefs[i] == graphdefs[i % p] for i in range(len(blocks))))
+    stacked = [jax.tree.map(lambda *leaves: jnp.stack(leaves), *states[i::period])
+               for i in range(period)]
+
+    def group(x, group_states):
+        for graphdef, state in zip(graphdefs[:period], group_states):
+            x = nnx.merge(graphdef, state)(x)
+        return x, None
+
+    x, _ = jax.lax.scan(jax.checkpoint(group, policy=REMAT_POLICIES[remat]), x, stacked)
+    return x
+
+
 class ImageEncoder(nnx.Module):
     """SAM's ViT image encoder (ImageEncoderViT)."""
 
@@ -183,6 +219,8 @@ class ImageEncoder(nnx.Module):
         self.neck_conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                                    dtype=dtype, rngs=rngs)
         self.neck_norm2 = layer_norm(out, VIT_LAYER_NORM_EPS, dtype, rngs)
+        # An execution setting, not part of the model: static, so jit retraces on a change.
+        self.remat = "off"
 
     def embed_patches(self, images: jax.Array) -> jax.Array:
         """patch_embed (a p x p conv with stride p) as the matmul it is: images f32[B, S, S, 3]
@@ -199,8 +237,11 @@ class ImageEncoder(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: f32[B, S, S, 3] -> image_embeddings f32[B, S/p, S/p, prompt_embed_dim]."""
         x = self.embed_patches(images) + self.pos_embed[...].astype(images.dtype)
-        for block in self.blocks:
-            x = block(x)
+        if self.remat == "off":
+            for block in self.blocks:
+                x = block(x)
+        else:
+            x = _remat_blocks(list(self.blocks), x, self.remat)
         x = self.neck_norm1(self.neck_conv1(x))
         return self.neck_norm2(self.neck_conv2(x))
 
