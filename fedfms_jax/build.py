@@ -33,13 +33,16 @@ def build_model(config: ml_collections.ConfigDict) -> Sam:
     if not m.weights:
         base_config = get_config(m.variant, **settings, lora_rank=m.lora_rank
                                  if config.mode == "fedlora" else 0)
-        return Sam(config_for_mode(base_config, config.mode), rngs=rngs)
-    base = load_sam(m.weights, dtype=m.dtype)
-    target = base.config.replace(**{k: v for k, v in settings.items() if k != "dtype"})
-    if config.mode == "fedlora" and base.config.lora_rank == 0:
-        target = target.replace(lora_rank=m.lora_rank)
-    target = config_for_mode(target, config.mode)
-    return base if target == base.config else extend(base, target, rngs=rngs)
+        model = Sam(config_for_mode(base_config, config.mode), rngs=rngs)
+    else:
+        base = load_sam(m.weights, dtype=m.dtype)
+        target = base.config.replace(**{k: v for k, v in settings.items() if k != "dtype"})
+        if config.mode == "fedlora" and base.config.lora_rank == 0:
+            target = target.replace(lora_rank=m.lora_rank)
+        target = config_for_mode(target, config.mode)
+        model = base if target == base.config else extend(base, target, rngs=rngs)
+    model.set_remat(m.remat)
+    return model
 
 
 # Layouts read by nifti.read_site, whose keep_empty the engine applies to training only.

@@ -182,6 +182,7 @@ def _set(config, key, value):
     ("data.normalise", "imagenet", "data.normalise='imagenet' is not one of: unit, sam"),
     ("data.prompt", "boxes", "data.prompt='boxes' is not one of: none, box, points"),
     ("model.dtype", "float16", "model.dtype='float16' is not one of: float32, bfloat16"),
+    ("model.remat", "some", "model.remat='some' is not one of: off, blocks, full"),
     ("eval.mode", "fast", "eval.mode='fast' is not one of: standard, fedfms"),
     ("eval.metrics", "dice,sensitivity", "eval.metrics: "),
     ("train.server_optimizer", "momentum", "train.server_optimizer='momentum' is not one of"),
@@ -216,6 +217,14 @@ def test_server_optimizer_keys_follow_the_optimizer():
     config.train.server_optimizer = "fedavgm"
     with pytest.raises(ConfigError, match="algorithm=local has no server"):
         validate(config)
+
+
+def test_model_remat_reaches_the_image_encoder():
+    from fedfms_jax.build import build_model
+
+    config = small_config()
+    config.model.remat = "full"
+    assert build_model(config).image_encoder.remat == "full"
 
 
 def test_unseen_site_must_exist(tmp_path):
