@@ -24,20 +24,26 @@ def tiny_checkpoint(tmp_path, tiny_state_dict):
     return path
 
 
+def vit_b_round_trip(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The official ViT-B's 314 tensors to Flax (checked: variant, parameter count) and back
+    (checked: the same names)."""
+    assert len(state_dict) == 314
+    tensors, config = torch_to_flax(state_dict)
+    assert config.variant == "vit_b"
+    assert sum(v.size for k, v in tensors.items() if "gaussian" not in k) == 93_735_472
+    back = flax_to_torch(tensors)
+    assert set(back) == set(state_dict)
+    return back
+
+
 def test_vit_b_official_keys_and_shapes_convert_both_ways():
-    """The official ViT-B's 314 tensor names and shapes (built on torch's meta device: no
-    memory, no values) go to Flax and back; values are checked on the tiny variant here and
-    on ViT-B in the slow test below."""
+    """Names and shapes of the official ViT-B (built on torch's meta device: no memory, no
+    values); values are checked on the tiny variant here and on ViT-B in the slow test."""
     with torch.device("meta"):
         official = build_torch_sam(get_config("vit_b"), seed=0, randomise_values=False)
     zeros = {k: np.broadcast_to(np.float32(0), tuple(v.shape))
              for k, v in official.state_dict().items()}
-    assert len(zeros) == 314
-    tensors, config = torch_to_flax(zeros)
-    assert config.variant == "vit_b"
-    assert sum(v.size for k, v in tensors.items() if "gaussian" not in k) == 93_735_472
-    back = flax_to_torch(tensors)
-    assert set(back) == set(zeros)
+    back = vit_b_round_trip(zeros)
     for key, value in zeros.items():
         assert back[key].shape == value.shape, key
 
@@ -46,12 +52,7 @@ def test_vit_b_official_keys_and_shapes_convert_both_ways():
 def test_vit_b_round_trip_is_exact():
     """All 314 official ViT-B tensors go to Flax and back bit for bit."""
     state_dict = state_dict_numpy(build_torch_sam(get_config("vit_b"), seed=0))
-    assert len(state_dict) == 314
-    tensors, config = torch_to_flax(state_dict)
-    assert config.variant == "vit_b"
-    assert sum(v.size for k, v in tensors.items() if "gaussian" not in k) == 93_735_472
-    back = flax_to_torch(tensors)
-    assert set(back) == set(state_dict)
+    back = vit_b_round_trip(state_dict)
     for key, value in state_dict.items():
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
 
