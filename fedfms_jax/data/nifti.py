@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import re
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedfms_jax.data.records import (Collector, DataError, LabelSpec, Record, VolumeInfo,
-                                     natural_key, window_volume)
+                                     draw_empty_slices, natural_key, window_volume)
 from fedfms_jax.data.volumes import (SUFFIXES, grid_mismatch, label_on_image_grid, read_volume,
                                      resample_nearest, strip_volume_suffix)
 
@@ -204,8 +203,7 @@ def read_case(case: str, image_path: Path, label_path: Path, *, spec: LabelSpec,
 
     has_target = classes.reshape(len(classes), -1).any(axis=1)
     empty = np.flatnonzero(~has_target)
-    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
-    kept_empty = rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
+    kept_empty = draw_empty_slices(empty, keep_empty, seed, case)
     keep = np.sort(np.concatenate([np.flatnonzero(has_target), kept_empty]))
     spacing = image.spacing  # (z, row, col): evaluation scores the volume in 3-D
     return [Record(functools.partial(slab_image, volume, int(z), slab), classes[z], case,

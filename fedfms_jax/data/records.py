@@ -406,6 +406,13 @@ def to_uint8_image(image: Array, path: Any,
 DEFAULT_KEEP_EMPTY = 0.1
 
 
+def draw_empty_slices(empty: np.ndarray, keep_empty: float, seed, case: str) -> np.ndarray:
+    """Which of a case's slices without foreground (indices `empty`) are kept: a share
+    `keep_empty`, drawn from the seed and the case id (the same draw in every reader)."""
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
+    return rng.choice(empty, size=round(keep_empty * len(empty)), replace=False)
+
+
 def keep_empty_slices(records: Sequence[Record], keep_empty: float, seed: Sequence[int],
                       ) -> list[Record]:
     """Training records with only a share `keep_empty` of each volume's slices without
@@ -425,7 +432,6 @@ def keep_empty_slices(records: Sequence[Record], keep_empty: float, seed: Sequen
     for case, slices in by_case.items():
         slices = sorted(slices, key=lambda r: r.slice_index)
         empty = np.array([r.slice_index for r in slices if not np.any(r.mask)], np.int64)
-        rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), zlib.crc32(case.encode())])
-        kept = set(rng.choice(empty, size=round(keep_empty * len(empty)), replace=False).tolist())
+        kept = set(draw_empty_slices(empty, keep_empty, seed, case).tolist())
         dropped |= {id(r) for r in slices if r.slice_index in set(empty.tolist()) - kept}
     return [r for r in records if id(r) not in dropped]
