@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedfms_jax import plot
+from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.config import ConfigError, load_config_file, validate
 from fedfms_jax.data.records import DataError
 from fedfms_jax.run_log import format_table
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--rounds", type=int, help="override configs/demo.py's rounds")
     args = parser.parse_args(argv)
+    enable_compilation_cache()
     configs = []
     try:
         for _, overrides in SETTINGS:  # every setting checked before the first one trains

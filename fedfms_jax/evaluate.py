@@ -28,6 +28,7 @@ from pathlib import Path
 
 import ml_collections
 
+from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.data.records import DataError
 from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, ConfigError, Experiment,
                                    SiteScores, eval_record, summary_rows)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the scored masks under DIR/<split>/<site>/")
     args = parser.parse_args(argv)
     splits = ("val", "test") if args.split == "all" else (args.split,)
+    enable_compilation_cache()
     try:
         # With --json the tables go to stderr, so stdout's last line is the object alone.
         echo = (lambda line: print(line, file=sys.stderr)) if args.json else print

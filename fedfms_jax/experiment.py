@@ -41,7 +41,8 @@ class Experiment:
         validate(config)
         self.config = config
         self.sites = build.load_data(config)
-        model = build.build_model(config)
+        # Kept: a Flower site builds its one client's Federation from it (flower/site.py).
+        self.model = model = build.build_model(config)
         self.model_config = model.config
         self.image_size = build.image_size(config, model)
         self.plan = build.plan(config, {name: site.num_train for name, site in self.sites.items()})

@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fedfms_jax import evaluation
+from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.data import volumes
 from fedfms_jax.data.preprocessing import (Preprocessing, model_input, slab_image,
                                            volume_to_uint8)
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype")
     args = parser.parse_args(argv)
+    enable_compilation_cache()
     try:
         return run(args)
     except (InputError, WeightsError, DataError) as error:

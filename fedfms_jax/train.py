@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.config import ConfigError, resume_conflicts, trajectory
 from fedfms_jax.data.records import DataError
 from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, Experiment, eval_record,
@@ -168,6 +169,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax narrates every save at INFO
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
+    enable_compilation_cache()
     try:
         run(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except (ConfigError, DataError, WeightsError, CheckpointMismatch) as error:

@@ -84,26 +84,26 @@ def from_arrayrecord(record: ArrayRecord, like: nnx.State,
     return from_arrays(arrays_of(record), like, source)
 
 
-def tree_to_arrayrecord(tree) -> ArrayRecord:
-    """Any pytree of arrays (an optimizer state) -> ArrayRecord keyed by its tree paths.
-    For state a site keeps between rounds (Flower's Context.state); it never leaves the site."""
+def tree_to_arrays(tree) -> dict[str, np.ndarray]:
+    """Any pytree of arrays (an optimizer state) -> {tree path: numpy array}. For state a
+    site keeps between rounds (its worker's saved state); it never leaves the site."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return ArrayRecord({jax.tree_util.keystr(path): _array(jax.device_get(leaf))
-                        for path, leaf in leaves})
+    return {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf), order="C")
+            for path, leaf in leaves}
 
 
-def tree_from_arrayrecord(record: ArrayRecord, like):
-    """Inverse of tree_to_arrayrecord, onto the structure of `like`."""
+def tree_from_arrays(named: Mapping[str, np.ndarray], like):
+    """Inverse of tree_to_arrays, onto the structure of `like`."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     names = [jax.tree_util.keystr(path) for path, _ in leaves]
-    if set(names) != set(record.keys()):
-        missing = sorted(set(names) - set(record.keys()))[:5]
-        unexpected = sorted(set(record.keys()) - set(names))[:5]
+    if set(names) != set(named):
+        missing = sorted(set(names) - set(named))[:5]
+        unexpected = sorted(set(named) - set(names))[:5]
         raise ArrayRecordMismatch(f"saved state does not fit: missing {missing}, "
                                   f"unexpected {unexpected}")
     values = []
     for name, (_, leaf) in zip(names, leaves):
-        value = record[name].numpy()
+        value = np.asarray(named[name])
         if value.shape != np.shape(leaf):
             raise ArrayRecordMismatch(f"saved state {name}: shape {value.shape}, expected "
                                       f"{np.shape(leaf)}")

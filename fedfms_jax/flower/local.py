@@ -1,18 +1,21 @@
 """A real Flower deployment on this machine: one SuperLink, one SuperNode per site.
 
-    python -m fedfms_jax.flower.local --config configs/X.py --sites N [--workdir DIR]
+    python -m fedfms_jax.flower.local --config configs/X.py [--sites N] [--workdir DIR]
         [--tls] [--config.key=value ...]
 
-starts `flower-superlink` and N `flower-supernode` processes on 127.0.0.1 (free ports; with
---tls, over TLS with certificates made for the run), each SuperNode told its site with
-`--node-config site-index=K` so that it reads only that site's data, then submits the app
-with `flwr run` and prints one line per round as the server finishes it. Every process it
-started (and every process those started) is stopped when it ends -- normally, on error, on
-Ctrl-C or SIGTERM, or after --timeout; killed outright, the kernel stops its children.
+starts `flower-superlink` and N site nodes on 127.0.0.1 (free ports; with --tls, over TLS
+with certificates made for the run): each `python -m fedfms_jax.flower.node`, a SuperNode
+told its site with `--node-config site-index=K` (so that it reads only that site's data)
+and the site's long-lived worker beside it, as a hospital starts its site. N defaults to
+the data's site count, the unseen site included. It then submits the app with `flwr run`
+and prints one line per round as the server finishes it. Every process it started (and
+every process those started) is stopped when it ends -- normally, on error, on Ctrl-C or
+SIGTERM, or after --timeout; killed outright, the kernel stops its children.
 
 DIR gets: metrics.jsonl and global_trainable.safetensors (written by the ServerApp),
 flower/logs/{superlink,site-K,server}.log, flower/app/pyproject.toml (the app `flwr run`
-bundles) and flower/home (FLWR_HOME: Flower's config and installed apps).
+bundles), flower/workers/site-K (each site worker's socket, key and saved state) and
+flower/home (FLWR_HOME: Flower's config and installed apps).
 
 --write_app DIR only writes the app directory, for `flwr run DIR <superlink>` against a
 deployment started by hand (see "Cross-site training on Flower" in the README).
@@ -38,12 +41,14 @@ from fedfms_jax.flower import bundle, certs
 from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_signals,
                                          free_port, tail, wait_for_port)
 from fedfms_jax.flower.settings import FAILURE_POLICIES, RunSettings, config_to_json
+from fedfms_jax.flower.site import site_names
 
 HOST = "127.0.0.1"
 CONNECTION = "fedfms-local"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (as train)")
-_SITES = flags.DEFINE_integer("sites", None, "number of sites, one SuperNode each")
+_SITES = flags.DEFINE_integer("sites", None, "number of sites, one SuperNode each (default: "
+                              "the data's sites, the unseen one included)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default runs/flower-<time>)")
 _TLS = flags.DEFINE_bool("tls", False, "TLS between SuperNodes/flwr and the SuperLink, with "
                          "certificates made for this run")
@@ -101,13 +106,37 @@ def superlink_argv(port: int, tls: certs.Certificates | None) -> list[str]:
             "--disable-runtime-dependency-installation"]
 
 
-def supernode_argv(site: int, superlink_port: int, port: int,
-                   tls: certs.Certificates | None) -> list[str]:
-    return ["flower-supernode", *(tls.supernode_args() if tls else ["--insecure"]),
+def node_argv(site: int, superlink_port: int, port: int, worker_dir: Path,
+              tls: certs.Certificates | None) -> list[str]:
+    """A site's node (node.py: its SuperNode and its worker), as a hospital starts it."""
+    return [sys.executable, "-m", "fedfms_jax.flower.node", "--worker_dir", str(worker_dir),
+            "--", *(tls.supernode_args() if tls else ["--insecure"]),
             "--superlink", f"{HOST}:{superlink_port}", "--host", HOST, "--port", str(port),
             "--node-config", f"site-index={site}",
             # A SuperLink that went away is not waited for forever.
             "--max-wait-time", "60"]
+
+
+def site_count(config, requested: int | None) -> int:
+    """How many sites to start: `requested`, or by default every site of the data (sites
+    0..N-1 connect, in the data's order, so N must reach the unseen site). ConfigError
+    naming a count that works otherwise."""
+    names = site_names(config)
+    unseen = config.data.unseen_site
+    listed = f"{len(names)} sites: {', '.join(names)}"
+    if requested is None:
+        return len(names)
+    if not 1 <= requested <= len(names):
+        raise ConfigError(f"--sites {requested}: the data has {listed}; use --sites "
+                          f"{len(names)} (the default) or fewer")
+    if unseen and unseen in names and requested <= names.index(unseen):
+        need = names.index(unseen) + 1
+        raise ConfigError(f"--sites {requested} cannot hold data.unseen_site={unseen!r}, site "
+                          f"{need} of the data's {listed}: use --sites {need}"
+                          + (f" to {len(names)}" if need < len(names) else "")
+                          + f" (default {len(names)}), or --config.data.unseen_site= to "
+                          "train without an unseen site")
+    return requested
 
 
 class RoundPrinter:
@@ -211,8 +240,9 @@ def deploy(config, num_sites: int, workdir: Path, *, tls: bool = False,
                                 logs / "superlink.log")
         wait_for_port(HOST, link_port, 60, alive=lambda: superlink.popen.poll() is None,
                       what=f"flower-superlink (log: {superlink.log_path})")
-        sites = [procs.start(f"site-{k}", supernode_argv(k, link_port, free_port(HOST),
-                                                         tls_files), logs / f"site-{k}.log")
+        sites = [procs.start(f"site-{k}", node_argv(k, link_port, free_port(HOST),
+                                                    base / "workers" / f"site-{k}", tls_files),
+                             logs / f"site-{k}.log")
                  for k in range(num_sites)]
         write_flwr_config(home, link_port, tls_files.ca_cert if tls_files else None)
         if not quiet:
@@ -263,19 +293,24 @@ def main(argv) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
-    if _SITES.value is None:
-        raise app.UsageError("--sites is required")
     try:
         # Before any process starts. The app alone (--write_app) may be written where the
         # data is not: the sites check their own.
         here = not _WRITE_APP.value
         validate(config, data_here=here, weights_here=here, federated=True)
+        if here or _SITES.value is None:
+            num_sites = site_count(config, _SITES.value)
+        else:
+            num_sites = _SITES.value
     except ConfigError as error:
+        if not here and _SITES.value is None:
+            error = ConfigError(f"{error}\n(with --write_app where the data is not, give "
+                                "--sites: the number of sites that will connect)")
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if _WRITE_APP.value:
         settings = RunSettings(
-            config_json=config_to_json(config), num_sites=_SITES.value,
+            config_json=config_to_json(config), num_sites=num_sites,
             workdir=str(Path(_WORKDIR.value).resolve()) if _WORKDIR.value else "",
             connect_timeout=_CONNECT_TIMEOUT.value, round_timeout=_ROUND_TIMEOUT.value,
             on_site_failure=_ON_SITE_FAILURE.value, min_sites=_MIN_SITES.value)
@@ -284,7 +319,7 @@ def main(argv) -> None:
     workdir = Path(_WORKDIR.value or time.strftime("runs/flower-%Y%m%d-%H%M%S"))
     exit_on_signals()
     try:
-        summary = deploy(config, _SITES.value, workdir, tls=_TLS.value, timeout=_TIMEOUT.value,
+        summary = deploy(config, num_sites, workdir, tls=_TLS.value, timeout=_TIMEOUT.value,
                          round_timeout=_ROUND_TIMEOUT.value,
                          connect_timeout=_CONNECT_TIMEOUT.value,
                          on_site_failure=_ON_SITE_FAILURE.value, min_sites=_MIN_SITES.value,

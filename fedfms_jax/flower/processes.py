@@ -57,6 +57,29 @@ def _die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def tie_to_parent(parent: int, poll: float = 0.5) -> None:
+    """This process ends when process `parent` does: PR_SET_PDEATHSIG (Linux; SIGTERM when
+    the parent thread that started it exits) and, for a parent that is not our direct one
+    or a platform without it, a daemon thread that polls the pid and exits at once."""
+    import threading
+
+    _die_with_parent()
+    if os.getppid() != parent and not psutil.pid_exists(parent):
+        os._exit(1)  # the parent died before the signal was armed
+
+    def watch():
+        while True:
+            try:
+                alive = psutil.Process(parent).status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                os._exit(1)
+            time.sleep(poll)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def exit_on_signals() -> None:
     """SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt in the main thread, so
     `with Processes(...)` blocks unwind and stop their children.
@@ -92,8 +115,10 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True,
         time.sleep(0.1)
 
 
-def tail(path: str | os.PathLike, lines: int = 20) -> str:
+def tail(path: str | os.PathLike | None, lines: int = 20) -> str:
     """The last lines of a text file ('' if it does not exist)."""
+    if path is None:
+        return ""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
@@ -140,14 +165,19 @@ class Processes:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self, name: str, argv: Sequence[str], log_path: str | os.PathLike,
+    def start(self, name: str, argv: Sequence[str], log_path: str | os.PathLike | None,
               env: Mapping[str, str] | None = None) -> Child:
-        """Starts `argv` with stdout and stderr appended to `log_path`."""
-        log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
+        """Starts `argv` with stdout and stderr appended to `log_path` (None: ours)."""
+        if log_path is None:
+            out = contextlib.nullcontext(None)
+        else:
+            log_path = Path(log_path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "ab")
+        with out as out:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=None if log_path is None else subprocess.STDOUT,
                 env={**self.env, **(env or {})}, start_new_session=True,
                 preexec_fn=_die_with_parent)
         child = Child(name, popen, log_path)

@@ -37,6 +37,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedfms_jax.build import build_model, preprocessing_for
+from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.config import fed_config, validate
 from fedfms_jax.experiment import SiteScores, eval_record
 from fedfms_jax.fed import aggregate
@@ -44,7 +45,7 @@ from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
 from fedfms_jax.flower import arrays
 from fedfms_jax.flower.exchange import Outcome, exchange
-from fedfms_jax.flower.settings import RunSettings, enable_compilation_cache
+from fedfms_jax.flower.settings import RunSettings
 from fedfms_jax.run_log import RunLog, save_final
 
 app = ServerApp()

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -93,22 +91,3 @@ def site_index(node_config: Mapping[str, Any]) -> int:
             return int(node_config[key])
     raise ValueError("this SuperNode does not say which site it is: start it with "
                      "--node-config 'site-index=K' (K = 0, 1, ... in the data's site order)")
-
-
-DEFAULT_COMPILATION_CACHE = Path.home() / ".cache" / "fedfms_jax" / "jax"
-
-
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, for every program however small.
-
-    Flower starts a new ClientApp (and ServerApp) process for every message, so without it
-    each site would recompile its model initialisation and training step every round (for
-    ViT-B, minutes). JAX_COMPILATION_CACHE_DIR chooses the folder; default
-    ~/.cache/fedfms_jax/jax.
-    """
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(DEFAULT_COMPILATION_CACHE))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

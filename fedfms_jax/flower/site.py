@@ -3,15 +3,17 @@
 A site reads only its own data: the experiment config with `data.sites` narrowed to its site
 and no unseen site. Everything else is the simulator's own code, so a Flower site trains
 exactly as client k of `fedfms_jax.train`:
-  * the config is checked (config.validate) and turned into the model, data and client
-    plan by fedfms_jax.build, as the simulator's Experiment does;
+  * the config is checked and turned into data, model and client plan by the simulator's
+    Experiment (fedfms_jax.experiment), which also scores the site's evaluation records;
   * local training is the engine's: a Federation of this one client with client id k
     (`Federation.local_round`: the same jitted local steps, keys of client k, segments of
     train.steps_per_segment, and the optimizer reset after a non-finite update);
   * the data stream is client k's (`streams.ClientStreams`, seeded from k), continued from
     where the site's previous round stopped.
 What the simulator keeps in its FedState per client (optimizer state, data iterator), a
-Flower site keeps in Context.state, which stays on the site's machine between rounds.
+LocalSite keeps in memory between rounds; the site's worker (worker.py) holds the LocalSite
+for the whole run and saves that state after every round, so that a restarted worker
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -27,21 +29,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
 
 from fedfms_jax import build
-from fedfms_jax.config import ConfigError, validate
+from fedfms_jax.config import ConfigError
 from fedfms_jax.data.records import natural_key
 from fedfms_jax.experiment import Experiment, SiteScores
-from fedfms_jax.fed.partition import split
-from fedfms_jax.fed.round import loss_summary
+from fedfms_jax.fed.round import Federation, loss_summary
 from fedfms_jax.flower import arrays
 from fedfms_jax.flower.settings import site_index
 from fedfms_jax.streams import ClientStreams, pipeline_options
-
-OPTIMIZER_STATE = "fedfms-optimizer"
-SITE_STATE = "fedfms-site"
-
 
 def site_names(config: ml_collections.ConfigDict) -> list[str]:
     """The data set's site names in the order `load_data` gives them, without reading any
@@ -93,55 +89,85 @@ class TrainResult:
     seconds: float
 
 
+@dataclasses.dataclass
+class ClientState:
+    """What a site carries from one round to the next as client `client` of the run."""
+
+    client: int
+    federation: Federation          # of this one client, with client id `client`
+    streams: ClientStreams          # client `client`'s training stream, where it stopped
+    opt_state: Any = None           # the local optimizer's state, leaves [1, ...] (numpy)
+    rounds: int = 0                 # rounds this site has trained in the run
+
+
 class LocalSite:
-    """This site's model and data, built once per message (Flower runs each message in a
-    fresh ClientApp process)."""
+    """This site's data, model, compiled client round and data stream, built once and kept
+    by the site's worker for a whole run (and across runs of the same config)."""
 
     def __init__(self, config: ml_collections.ConfigDict, node_config: Mapping[str, Any]):
         self.config, self.index, self.name = site_config(config, node_config)
-        validate(self.config)
-        self.site = build.load_data(self.config)[self.name]
-        self.model = build.build_model(self.config)
-        self.plan = build.plan(self.config, {self.name: self.site.num_train})
-        _, self.like, _ = split(self.model, self.config.mode)
+        self.experiment = Experiment(self.config)  # validates, reads this site, builds the model
+        self.site = self.experiment.sites[self.name]
+        self.like = self.experiment.federation.initial_params
+        self.client_state: ClientState | None = None
 
-    def train(self, global_params, round_index: int, client: int,
-              state: RecordDict) -> TrainResult:
-        """The site's local work of one round as client `client`, from the global weights;
-        `state` (the site's Context.state) carries the optimizer and data position between
-        rounds."""
+    def reset(self) -> None:
+        """Forget the run's optimizer state and data position (a new run starts fresh)."""
+        self.client_state = None
+
+    def _client(self, client: int) -> ClientState:
+        if self.client_state is None:
+            federation = build.federation(self.config, self.experiment.model,
+                                          self.experiment.plan, client_ids=[client])
+            options = pipeline_options(self.config, self.experiment.image_size,
+                                       self.experiment.model_config.low_res_size)
+            streams = ClientStreams(self.config, [self.site.train], [client], options)
+            self.client_state = ClientState(client, federation, streams)
+        elif self.client_state.client != client:
+            raise ConfigError(f"site {self.name} was client {self.client_state.client} of "
+                              f"this run and is now told it is client {client}")
+        return self.client_state
+
+    def train(self, global_params, round_index: int, client: int) -> TrainResult:
+        """The site's local work of one round as client `client`, from the global weights,
+        continuing the optimizer state and data stream of its previous round."""
         began = time.perf_counter()
-        federation = build.federation(self.config, self.model, self.plan, client_ids=[client])
-        saved_opt = None
-        if OPTIMIZER_STATE in state.array_records:
-            like = federation.config.local_optimizer().init(global_params)
-            saved_opt = jax.tree.map(lambda x: np.asarray(x)[None], arrays.tree_from_arrayrecord(
-                state.array_records[OPTIMIZER_STATE], like))
-        options = pipeline_options(self.config, build.image_size(self.config, self.model),
-                                   self.model.config.low_res_size)
-        streams = ClientStreams(self.config, [self.site.train], [client], options)
-        saved = state.config_records.get(SITE_STATE)
-        if saved is not None:
-            if int(saved["client"]) != client:
-                raise ConfigError(f"site {self.name} was client {saved['client']} of this run "
-                                  f"and is now told it is client {client}")
-            streams.set_states([json.loads(saved["iterator"])])
-        steps = federation.client_steps(self.plan.num_samples, self.config.data.batch_size)
+        state = self._client(client)
+        federation = state.federation
+        steps = federation.client_steps(self.experiment.plan.num_samples,
+                                        self.config.data.batch_size)
         fed_state = federation.begin_round(federation.init(
-            global_params, round_index=round_index, client_opt_state=saved_opt))
+            global_params, round_index=round_index, client_opt_state=state.opt_state))
         fed_state, losses, finite = federation.local_round(
-            fed_state, steps, streams.next_batches, self.config.train.steps_per_segment)
-        first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)
-        state.array_records[OPTIMIZER_STATE] = arrays.tree_to_arrayrecord(
-            first(fed_state.client_opt_state))
-        state.config_records[SITE_STATE] = ConfigRecord(
-            {"client": client, "iterator": json.dumps(streams.states()[0]),
-             "round": round_index + 1})
+            fed_state, steps, state.streams.next_batches, self.config.train.steps_per_segment)
+        state.opt_state = jax.tree.map(lambda x: np.asarray(x[:1]), fed_state.client_opt_state)
+        state.rounds += 1
         _, mean_loss = loss_summary(losses, 1)
-        return TrainResult(params=first(fed_state.client_params),
+        return TrainResult(params=jax.tree.map(lambda x: np.asarray(x[0]),
+                                               fed_state.client_params),
                            num_examples=self.site.num_train, steps=int(steps[0]),
                            mean_loss=float(mean_loss[0]),
                            finite=bool(finite[0]), seconds=time.perf_counter() - began)
+
+    # --- the state a restarted worker continues from -----------------------------------
+
+    def saved_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """(meta, optimizer arrays) of the run so far; None before the first round."""
+        state = self.client_state
+        if state is None or state.opt_state is None:
+            return None
+        meta = {"client": state.client, "rounds": state.rounds,
+                "iterator": json.dumps(state.streams.states()[0])}
+        return meta, arrays.tree_to_arrays(jax.tree.map(lambda x: x[0], state.opt_state))
+
+    def restore(self, meta: Mapping[str, Any], opt_arrays: Mapping[str, np.ndarray]) -> None:
+        """Continue from `saved_state`: the same client, optimizer state and data position."""
+        state = self._client(int(meta["client"]))
+        like = state.federation.config.local_optimizer().init(self.like)
+        state.opt_state = jax.tree.map(lambda x: np.asarray(x)[None],
+                                       arrays.tree_from_arrays(opt_arrays, like))
+        state.streams.set_states([json.loads(meta["iterator"])])
+        state.rounds = int(meta["rounds"])
 
     def evaluate(self, params, split: str) -> SiteScores:
         """Scores of the given weights on the site's validation split ('val'), or on all of
@@ -154,4 +180,4 @@ class LocalSite:
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         if not records:
             raise ConfigError(f"site {self.name} has no records for split {split!r}")
-        return Experiment(self.config).score(params, records)
+        return self.experiment.score(params, records)

@@ -66,12 +66,15 @@ def test_mismatch_names_every_culprit(trainable):
 def test_optimizer_state_round_trip(trainable):
     opt_state = optax.adam(1e-3).init(trainable)
     opt_state = jax.tree.map(lambda x: x + 1, opt_state)
-    record = arrays.tree_to_arrayrecord(opt_state)
-    assert record["[0].count"].shape == ()  # 0-d leaves stay 0-d
-    back = arrays.tree_from_arrayrecord(record, opt_state)
+    named = arrays.tree_to_arrays(opt_state)
+    assert named["[0].count"].shape == ()  # 0-d leaves stay 0-d
+    back = arrays.tree_from_arrays(named, opt_state)
     assert jax.tree.structure(back) == jax.tree.structure(opt_state)
     for a, b in zip(jax.tree.leaves(opt_state), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    wrong = ArrayRecord({**record, "[0].count": Array(np.zeros(2, np.int32))})
+    wrong = {**named, "[0].count": np.zeros(2, np.int32)}
     with pytest.raises(arrays.ArrayRecordMismatch, match=r"\[0\]\.count: shape \(2,\)"):
-        arrays.tree_from_arrayrecord(wrong, opt_state)
+        arrays.tree_from_arrays(wrong, opt_state)
+    with pytest.raises(arrays.ArrayRecordMismatch, match=r"missing \['\[0\]\.count'\]"):
+        arrays.tree_from_arrays({k: v for k, v in named.items() if k != "[0].count"},
+                                opt_state)

@@ -27,16 +27,22 @@ HANDLERS = {"query": client_app.query, "train": client_app.train,
 
 
 class InProcessSite:
-    """A SuperNode's ClientApp, called directly: the site's Context.state persists between
-    messages as it does on a SuperNode."""
+    """A SuperNode's ClientApp, called directly, as under Flower's simulation runtime: the
+    node config has a partition-id and the site worker runs in this process."""
 
     def __init__(self, run_config: dict, index: int):
         self.context = Context(run_id=7, node_id=1000 + index,
-                               node_config={"site-index": index}, state=RecordDict(),
+                               node_config={"partition-id": index}, state=RecordDict(),
                                run_config=run_config)
 
     def __call__(self, message):
         return HANDLERS[message.metadata.message_type](message, self.context)
+
+
+@pytest.fixture(autouse=True)
+def fresh_workers(monkeypatch):
+    """Every test's sites start without a worker (the run id is the same in all of them)."""
+    monkeypatch.setattr(client_app, "_in_process", {})
 
 
 def flower_run(config, tmp_path) -> dict[str, np.ndarray]:
