@@ -10,6 +10,7 @@ Each site's own settings come from its SuperNode's `--node-config`:
   site-index   which site of the data set this node is (0-based, in the data layer's order);
                Flower's simulation runtime sets `partition-id` instead, which is accepted too
   data-root    this site's data root, when it differs from the config's `data.root`
+  worker-dir   the site worker's directory (added by `python -m fedfms_jax.flower.node`)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import psutil
@@ -33,17 +34,32 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     return config
 
 
-def simulate(config) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """The in-process simulator: final global trainable weights and per-round client losses."""
+def simulate(config) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[float]]:
+    """The in-process simulator: final global trainable weights, per-round client losses
+    and per-round wall seconds (the first one includes compilation)."""
     experiment = Experiment(config)
     state = experiment.init_state()
-    losses = []
+    losses, seconds = [], []
     for _ in range(config.rounds):
+        began = time.perf_counter()
         state, result = experiment.train_round(state)
+        jax.block_until_ready(state)
+        seconds.append(time.perf_counter() - began)
         losses.append(result.mean_loss)
     weights = {flat_path(path): np.asarray(v.get_value())
                for path, v in nnx.to_flat_state(state.global_params)}
-    return weights, losses
+    return weights, losses, seconds
+
+
+def round_bound(simulator_seconds: float) -> float:
+    """The slowest a Flower round may be: the simulator's plus max(2 s, 25 %)."""
+    return simulator_seconds + max(2.0, 0.25 * simulator_seconds)
+
+
+# The default suite's one real-process Flower run is the plain loopback one; TLS (its
+# certificates are checked in-process by test_certs.py) only adds handshakes to it.
+LOOPBACK = {"mode": "decoder", "data.options.num_sites": 2, "data.unseen_site": "",
+            "train.server_optimizer": "fedadam", "rounds": 3, "eval.every": 3}
 
 
 # The default suite's one real-process Flower run is the plain loopback one; TLS (its
@@ -51,19 +67,24 @@ def simulate(config) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
 @pytest.mark.parametrize("tls", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["loopback", "tls"])
 def test_two_sites_train_as_the_simulator(tmp_path, launch, tls):
-    """2 sites x 2 rounds of FedAdam: per-round lines, bytes per message, evaluation, no
-    process left, and the simulator's final weights (the server aggregates with the
-    simulator's code; every server optimizer in-process: test_same_trajectory)."""
-    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2",
-                 *(["--tls"] if tls else []), "--round_timeout", "400",
-                 "--connect_timeout", "200", *TWO_SITES,
-                 "--config.train.server_optimizer=fedadam")
+    """2 sites x 3 rounds of FedAdam, each site a node (SuperNode + warm worker): per-round
+    lines, bytes per message, evaluation, no process left, the simulator's final weights
+    (the server aggregates with the simulator's code; every server optimizer in-process:
+    test_same_trajectory), and each round's time next to the simulator's."""
+    config = tiny_config(**LOOPBACK)
+    run = launch(tmp_path / "run", "--config", TINY_CONFIG, *(["--tls"] if tls else []),
+                 "--round_timeout", "400", "--connect_timeout", "200",
+                 *[f"--config.{k}={v}" for k, v in LOOPBACK.items()])
+    # The simulator meanwhile, in this process: its first round compiles while the sites
+    # start (their compiled programs differ: one client against two), so the rounds that
+    # are compared (2 and 3) run alone on each side.
+    expected, losses, simulator_seconds = simulate(config)
     code = run.wait(timeout=900)
     output = run.output
     assert code == 0, output
     assert run.leftovers() == []
-    for line in ("sites: 0:site1 (n=12), 1:site2 (n=7)", "round 1 ", "round 2 ",
-                 "round 2 val Dice: site1", "done: 2 rounds"):
+    for line in ("sites: 0:site1 (n=12), 1:site2 (n=7)", "round 1 ", "round 3 ",
+                 "round 3 val Dice: site1", "done: 3 rounds"):
         assert line in output, output
     assert ("(TLS)" in output) == tls, output
     scheme = "https" if tls else "http"
@@ -71,7 +92,7 @@ def test_two_sites_train_as_the_simulator(tmp_path, launch, tls):
         tmp_path / "run/flower/logs/superlink.log").read_text()
 
     rounds = read_records(tmp_path / "run", "round")
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     for record in rounds:
         assert record["sites"] == ["site1", "site2"] and not record["failed"]
         assert set(record["message_bytes"]) == {"site1", "site2"}
@@ -82,16 +103,39 @@ def test_two_sites_train_as_the_simulator(tmp_path, launch, tls):
         assert record["bytes_total"] == 4 * record["bytes_up_per_client"]
     evals = read_records(tmp_path / "run", "eval")
     assert [(e["round"], e["split"], sorted(e["sites"])) for e in evals] == [
-        (2, "val", ["site1", "site2"])]
+        (3, "val", ["site1", "site2"])]
 
-    config = tiny_config(**{"data.options.num_sites": 2, "data.unseen_site": "",
-                            "train.server_optimizer": "fedadam"})
-    expected, losses = simulate(config)
     _, final = read_weights(tmp_path / "run/final.safetensors")
     for r, record in enumerate(rounds):
         np.testing.assert_allclose([record["loss"]["site1"], record["loss"]["site2"]],
                                    losses[r], rtol=1e-4, err_msg=f"round {r + 1} losses")
     assert_close_to_simulator(final, expected, config)
+    # Each site built its model and data once and compiled once: round 1 was its only build.
+    for k in range(2):
+        log = (tmp_path / f"run/flower/logs/site-{k}.log").read_text()
+        assert log.count("data and model built") == 1, log
+    flower_seconds = [r["seconds"] for r in rounds]
+    print("seconds per round, Flower:", [f"{s:.2f}" for s in flower_seconds],
+          "simulator:", [f"{s:.2f}" for s in simulator_seconds])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "flwr 1.42 moves every named array of a message as an object of its own between SuperNode "
+    "and SuperLink (136 for the tiny FedMSA model) and starts a flwr-clientapp process per "
+    "message: several seconds of round trips per round on a loaded 2-core machine"))
+def test_flower_rounds_take_the_simulators_time(tmp_path, launch):
+    """After round 1, each Flower round within max(2 s, 25 %) of the simulator's."""
+    config = tiny_config(**LOOPBACK)
+    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--connect_timeout", "200",
+                 *[f"--config.{k}={v}" for k, v in LOOPBACK.items()])
+    assert run.wait(timeout=900) == 0, run.output
+    _, _, simulator_seconds = simulate(config)  # alone, after the deployment
+    flower_seconds = [r["seconds"] for r in read_records(tmp_path / "run", "round")]
+    for r in range(1, len(flower_seconds)):
+        assert flower_seconds[r] <= round_bound(simulator_seconds[r]), (
+            f"round {r + 1}: Flower {flower_seconds[r]:.2f} s, simulator "
+            f"{simulator_seconds[r]:.2f} s", flower_seconds, simulator_seconds)
 
 
 def assert_close_to_simulator(final, expected, config):
@@ -103,22 +147,22 @@ def assert_close_to_simulator(final, expected, config):
     assert differences[worst] <= 1e-5, (worst, differences[worst])
 
 
-@pytest.mark.slow  # in make test: test_server_app.py's unseen-site and connect tests
-def test_wrong_site_count_is_a_clear_error(tmp_path, launch):
-    """The data set has 3 sites with site3 unseen; 2 SuperNodes cannot hold the unseen one."""
-    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2",
-                 "--connect_timeout", "200")
-    assert run.wait(timeout=400) == 1
-    assert "data.unseen_site='site3' is none of the connected sites (site1, site2)" in \
-        run.output
+def test_a_site_count_that_cannot_hold_the_unseen_site_is_refused(tmp_path, launch):
+    """The data set has 3 sites with site3 unseen: 2 sites cannot hold it, and the launcher
+    says so before starting anything (and that 3 would)."""
+    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2")
+    assert run.wait(timeout=120) == 2
+    assert "--sites 2 cannot hold data.unseen_site='site3', site 3 of the data's 3 sites: " \
+        "site1, site2, site3: use --sites 3" in run.output
     assert run.leftovers() == []
+    assert not (tmp_path / "run/flower/logs").exists()
 
 
 def supernode(tag: str, site: int) -> psutil.Process:
     for p in tagged_processes(tag):
         cmdline = p.cmdline()
-        if any(part.endswith("flower-supernode") for part in cmdline) and \
-                f"site-index={site}" in cmdline:
+        if "fedfms_jax.flower.supernode" in cmdline and \
+                any(part.startswith(f"site-index={site} ") for part in cmdline):
             return p
     raise AssertionError(f"no SuperNode of site {site}")
 
