@@ -34,7 +34,7 @@ app = ClientApp()
 
 WORKER_DIR = "worker-dir"
 # A worker restarted by its node needs a few seconds (JAX import) before it listens again.
-CONNECT_PATIENCE = 30.0
+CONNECT_PATIENCE = 60.0
 
 _in_process: dict[int, object] = {}
 

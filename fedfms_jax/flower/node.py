@@ -65,6 +65,13 @@ def with_worker_dir(supernode_args: list[str], directory: Path) -> list[str]:
     return args
 
 
+def _answers(directory: Path) -> bool:
+    try:
+        return channel.call(directory, {"kind": "ping"}, timeout=30)["ok"]
+    except (channel.WorkerUnavailable, channel.WorkerDied, TimeoutError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
@@ -101,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                                               "--parent", str(os.getpid())], None)
 
             worker = start_worker()
+            # The SuperNode joins once the site can answer (JAX imported, socket bound), so
+            # the server's first message never waits for a worker that is still starting.
+            while not _answers(directory):
+                if worker.popen.poll() is not None:
+                    print(f"error: the site worker exited with code {worker.popen.returncode} "
+                          "before it listened (its output is above)", flush=True)
+                    return 1
+                time.sleep(0.2)
             supernode = procs.start("supernode", [sys.executable, "-m",
                                                   "fedfms_jax.flower.supernode",
                                                   *supernode_args], None)
