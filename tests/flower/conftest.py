@@ -19,15 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = "tests/tiny_config.py"
 
 
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for every deployment of the test session (shared by
-    xdist workers): the sites of all tests compile the same tiny-SAM programs."""
-    path = tmp_path_factory.getbasetemp().parent / "flower_jax_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 class Launch:
     """`python -m fedfms_jax.flower.local ...` in the background, its output in a file."""
 
