@@ -60,15 +60,20 @@ class ClientStreams:
             it.set_state(state)
 
     def next_batches(self, todo: Sequence[int]) -> dict[str, np.ndarray]:
-        """[K, S, B, ...] batches, S = max(todo): client k draws todo[k] batches, the rest of
-        its S rows are zeros (masked steps), so no client's data order depends on another's."""
+        """[A, S, B, ...] batches of the A clients with todo[k] > 0, in client order, S =
+        max(todo): client k draws todo[k] batches, the rest of its S rows are zeros, so no
+        client's data order depends on another's."""
         per_client = []
         for k, n in enumerate(todo):
+            if n <= 0:
+                continue
             batches = [{f: b[f] for f in TRAIN_FIELDS if f in b}
                        for b in (next(self.iterators[k]) for _ in range(int(n)))]
-            if self._template is None and batches:
+            if self._template is None:
                 self._template = jax.tree.map(np.zeros_like, batches[0])
             per_client.append(batches)
+        if not per_client:
+            raise ValueError("next_batches: no client has a step to draw")
         total = int(max(todo))
         return {field: np.stack([np.stack([b[field] for b in batches]
                                           + [self._template[field]] * (total - len(batches)))

@@ -73,11 +73,63 @@ def step_mask(steps: Sequence[int], total: int | None = None) -> np.ndarray:
     return np.arange(total)[None, :] < steps[:, None]
 
 
-def segments(steps: Sequence[int], segment: int):
-    """The round's local steps streamed `segment` at a time: yields (first step, int32[K]
-    steps of each client in this segment). Per-step keys depend on the step's index in the
-    round, not on the segmentation, so any `segment` trains the same steps."""
-    steps = np.asarray(steps, np.int32)
-    segment = max(1, int(segment))
-    for start in range(0, int(steps.max(initial=0)), segment):
-        yield start, np.clip(steps - start, 0, segment).astype(np.int32)
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One call of the compiled local steps: `clients` (indices into the round's K) each take
+    steps first_step .. first_step + length - 1 of the round, vmapped `width` wide (width -
+    len(clients) padding members compute and are discarded)."""
+
+    first_step: int
+    length: int
+    clients: tuple[int, ...]
+    width: int
+
+
+def _cover(n: int, sizes: Sequence[int]) -> list[int]:
+    """n split greedily into the allowed sizes (largest first); a remainder below the
+    smallest size takes the smallest (padded)."""
+    sizes = sorted(set(int(s) for s in sizes), reverse=True)
+    out = []
+    while n > 0:
+        size = next((s for s in sizes if s <= n), sizes[-1])
+        out.append(size)
+        n -= size
+    return out
+
+
+def segment_plan(steps: Sequence[int], max_length: int, widths: Sequence[int]
+                 ) -> list[Segment]:
+    """A round's local steps as calls of the compiled steps, with no masked step.
+
+    steps: int32[K] each client's steps this round (0: not training); max_length: the most
+    steps one call streams through memory (train.steps_per_segment); widths: the vmap widths
+    the layout allows (sharding.group_widths). Every client starts at step 0 and takes each
+    of its steps in order, so at step t the clients still training are exactly those with
+    steps > t, all at step t: the round is cut where a client finishes, each stretch into
+    calls of max_length steps and one of the rest, and its clients into groups of the
+    allowed widths. Only a group narrower than the smallest width (several devices) is
+    padded. A round compiles one program per distinct (width, length); the plan, and so
+    the set, is the same every round unless clients are sampled.
+    """
+    steps = np.asarray(steps, np.int64)
+    max_length = max(1, int(max_length))
+    ends = sorted(set(int(s) for s in steps if s > 0))
+    plan, t = [], 0
+    for end in ends:
+        active = tuple(int(k) for k in np.flatnonzero(steps >= end))
+        whole, rest = divmod(end - t, max_length)
+        for length in [max_length] * whole + [rest] * (rest > 0):
+            start = 0
+            for width in _cover(len(active), widths):
+                plan.append(Segment(t, length, active[start:start + width], width))
+                start += width
+            t += length
+    return plan
+
+
+def masked_work(plan: Sequence[Segment], steps: Sequence[int]) -> float:
+    """Wasted / useful step-work of a plan: (client-steps computed - client-steps trained) /
+    client-steps trained (0 for a round without steps)."""
+    useful = int(np.sum(np.maximum(np.asarray(steps, np.int64), 0)))
+    computed = sum(s.width * s.length for s in plan)
+    return (computed - useful) / useful if useful else 0.0

@@ -12,9 +12,11 @@ A round is four jitted pure functions of that state, each donating the state it 
     begin_round(state)                                   every client starts from the global
                                                          weights (not in the local-only
                                                          baseline); optional optimizer reset
-    local_steps(frozen, state, batches, step_mask,       S local steps of every client: a scan
-                client_ids, prox_mu)                     over steps inside a vmap over clients
-                                                         of `client_local_steps`; masked steps
+    local_steps(frozen, state, batches, step_mask,       S local steps of a group of clients:
+                client_ids, rows, first_step, prox_mu)   a scan over steps inside a vmap over
+                                                         clients of `client_local_steps`, on
+                                                         the whole state or on rows gathered
+                                                         and scattered back; masked steps
                                                          leave weights AND optimizer state
                                                          exactly unchanged
     finish_local(state)                                  a client whose weights went non-finite
@@ -24,13 +26,19 @@ A round is four jitted pure functions of that state, each donating the state it 
 
 `local_round` is the host side of one round's local work, shared by the simulator (K
 clients) and a Flower site (a Federation of its one client, `client_ids=(k,)`, so it draws
-client k's keys): the steps streamed S at a time through `local_steps`, then `finish_local`.
-The per-step keys depend on the client's id, the round and the step's index in the round,
-not on the segmentation or on which other clients train alongside.
+client k's keys). Clients of unequal sizes cost the sum of their steps, not K x the longest:
+`Federation.plan` (clients.segment_plan) cuts the round where a client finishes and trains
+only the clients still going, grouped into a few vmap widths (sharding.group_widths), so no
+step is masked (`clients.masked_work` measures a plan). The next stretch's batches are drawn
+and placed in a background thread while the current one trains. The per-step keys depend
+on the client's id, the round and the step's index in the round, not on the plan or on which
+other clients train alongside; the vmap width can change float32 rounding (XLA's CPU
+matmuls block their sums by the operands' sizes), never the steps.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -45,7 +53,8 @@ import optax
 from flax import nnx
 
 from fedfms_jax.fed import aggregate, sharding
-from fedfms_jax.fed.clients import SETTINGS, client_steps, segments
+from fedfms_jax.fed.clients import (SETTINGS, Segment, client_steps, segment_plan,
+                                    step_mask)
 from fedfms_jax.fed.comm import RoundComm, round_comm
 from fedfms_jax.fed.partition import num_bytes, split
 from fedfms_jax.losses import segmentation_loss
@@ -219,29 +228,42 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
     built from: every Federation with the same pieces, e.g. one resumed from a checkpoint,
     reuses the compiled code).
 
-    local_steps(frozen, state, batches [K_pad, S, B, ...], step_mask bool[K_pad, S],
-    client_ids i32[K_pad], prox_mu f32[]) -> (state, losses f32[K_pad, S]); donates the state.
+    local_steps(frozen, state, batches [G, S, B, ...], step_mask bool[G, S], client_ids
+    i32[G], rows, first_step i32[], prox_mu f32[]) -> (state, losses f32[G, S]); donates the
+    state. rows None: the group is every client slot (G = K_pad), trained C at a time;
+    rows i32[G]: the group is those rows of the state (G <= C; a row >= K_pad is a padding
+    member: it trains on a copy of the last row and its result is dropped), gathered,
+    trained and scattered back in place.
     """
     tx = local.optimizer()
     train = jax.vmap(functools.partial(client_local_steps, graphdef, tx,
                                        loss_fn or local.loss_fn()),
                      in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
 
-    def local_steps(frozen, state: FedState, batches, step_mask, client_ids, prox_mu):
+    def local_steps(frozen, state: FedState, batches, step_mask, client_ids, rows, first_step,
+                    prox_mu):
         keys = jax.vmap(client_key, (None, None, 0))(state.key, state.round, client_ids)
-        per_client = (state.client_params, state.client_opt_state, batches, step_mask, keys)
-        if chunk == num_padded:
+        params, opt_state = state.client_params, state.client_opt_state
+        if rows is not None:
+            take = lambda x: sharding.constrain_clients(x.at[rows].get(mode="clip"), mesh)
+            params, opt_state = jax.tree.map(take, (params, opt_state))
+        per_client = (params, opt_state, batches, step_mask, keys)
+        if step_mask.shape[0] <= chunk:
             params, opt_state, losses = train(frozen, state.global_params, *per_client,
-                                              state.local_step, prox_mu)
+                                              first_step, prox_mu)
         else:
             # C clients at a time: a scan over chunks bounds the live activations to C clients.
             def one_chunk(_, xs):
-                return None, train(frozen, state.global_params, *xs, state.local_step, prox_mu)
+                return None, train(frozen, state.global_params, *xs, first_step, prox_mu)
             _, out = jax.lax.scan(one_chunk, None, sharding.to_chunks(per_client, chunk, mesh))
             params, opt_state, losses = sharding.from_chunks(out)
+        if rows is not None:
+            put = lambda full, part: full.at[rows].set(part, mode="drop")
+            params = jax.tree.map(put, state.client_params, params)
+            opt_state = jax.tree.map(put, state.client_opt_state, opt_state)
         state = state.replace(client_params=sharding.constrain_clients(params, mesh),
                               client_opt_state=sharding.constrain_clients(opt_state, mesh),
-                              local_step=state.local_step + step_mask.shape[1])
+                              local_step=first_step + step_mask.shape[1])
         return state, losses
 
     return jax.jit(local_steps, donate_argnums=1)
@@ -344,6 +366,7 @@ class Federation:
         self.mesh = sharding.client_mesh() if mesh is None else mesh
         self.num_padded, self.chunk = sharding.layout(num_clients, self.mesh.size,
                                                       config.clients_per_step)
+        self.group_widths = sharding.group_widths(self.chunk, self.mesh.size)
         self.graphdef, trainable, frozen = split(model, config.mode)
         # A host copy: the round functions donate the state's buffers, and device_put of
         # the model's own arrays would hand those very buffers (the model's) to the state.
@@ -410,8 +433,10 @@ class Federation:
 
     def local_steps(self, state: FedState, batches: Mapping[str, np.ndarray],
                     mask: np.ndarray) -> tuple[FedState, np.ndarray]:
-        """S local steps of every client at once. batches: leaves [K, S, B, ...] (numpy, real
-        clients only); mask: bool[K, S]. Returns (state, losses f32[K, S], NaN where masked)."""
+        """S local steps of every client at once, masked steps computed and discarded (for
+        arbitrary masks; `local_round` plans a round without masked steps). batches: leaves
+        [K, S, B, ...] (numpy, real clients only); mask: bool[K, S]. Returns (state, losses
+        f32[K, S], NaN where masked)."""
         mask = np.asarray(mask, bool)
         if mask.shape[0] != self.num_clients:
             raise ValueError(f"step mask has {mask.shape[0]} clients, the federation "
@@ -424,7 +449,7 @@ class Federation:
                                                          dtype=np.int32) + _PADDING_ID])
         placed = sharding.place_clients(
             sharding.pad_clients((dict(batches), mask), self.num_padded) + (ids,), self.mesh)
-        state, losses = self._local_steps(self.frozen, state, *placed,
+        state, losses = self._local_steps(self.frozen, state, *placed, None, state.local_step,
                                           np.float32(self.config.prox_mu))
         return state, np.asarray(losses)[:self.num_clients]
 
@@ -434,20 +459,85 @@ class Federation:
         state, finite = self._finish_local(state)
         return state, np.asarray(finite)[:self.num_clients]
 
+    def plan(self, steps: Sequence[int], segment: int) -> list[Segment]:
+        """The calls of the compiled steps that train client k steps[k] steps (see
+        `clients.segment_plan`: no masked steps; `clients.masked_work` measures a plan)."""
+        return segment_plan(steps, segment, self.group_widths)
+
+    def _place_group(self, group: Segment, batches: Mapping[str, np.ndarray]) -> tuple:
+        """The device arguments of one planned call: batches [n, L, B, ...] of its n clients,
+        padded to its width, with their mask, ids and rows."""
+        n, width = len(group.clients), group.width
+        clients = np.asarray(group.clients, np.int32)
+        bad = {k: v.shape for k, v in batches.items() if v.shape[:2] != (n, group.length)}
+        if bad:
+            raise ValueError(f"a segment of {group.length} steps of {n} clients needs batches "
+                             f"[{n}, {group.length}, B, ...]; got {bad}")
+        padding = np.arange(width - n, dtype=np.int32)
+        mask = np.arange(width)[:, None] < np.full((1, group.length), n)
+        if width == self.num_padded and group.clients == tuple(range(n)):
+            # The whole state in slot order: trained where it lies, no gathered copy; the
+            # slots past n (padding clients, or real clients that are done) run masked.
+            ids = np.concatenate([self.client_ids, np.arange(self.num_padded - self.num_clients,
+                                                             dtype=np.int32) + _PADDING_ID])
+            rows = None
+        else:
+            ids = np.concatenate([self.client_ids[clients], padding + _PADDING_ID])
+            rows = sharding.place_replicated(
+                np.concatenate([clients, padding * 0 + self.num_padded]), self.mesh)
+        return (*sharding.place_clients((sharding.pad_clients(dict(batches), width), mask, ids),
+                                        self.mesh), rows, np.int32(group.first_step))
+
     def local_round(self, state: FedState, steps: Sequence[int],
                     draw: Callable[[np.ndarray], Mapping[str, np.ndarray]],
                     segment: int) -> tuple[FedState, np.ndarray | None, np.ndarray]:
-        """A round's local work after `begin_round`: client k takes steps[k] steps, streamed
-        `segment` at a time; draw(todo int32[K]) gives the segment's batches, leaves
-        [K, max(todo), B, ...] (client k's first todo[k] rows real). The simulator's and a
-        Flower site's one path. Returns (state, losses f32[K, T] or None, finite bool[K])."""
+        """A round's local work after `begin_round`: client k takes steps[k] steps, in the
+        calls of `plan(steps, segment)` (at most `segment` steps each, only the clients
+        still training, no masked steps). draw(todo int32[K]) gives the next stretch of
+        steps: every nonzero todo[k] is the stretch's length L, and the result is the
+        batches of those clients in client order, leaves [A, L, B, ...]. The next stretch is
+        drawn and placed in a background thread while the current one trains. The
+        simulator's and a Flower site's one path. Returns (state, losses f32[K, T] or None,
+        finite bool[K]); T = max(steps)."""
+        steps = np.asarray(steps, np.int32)
+        stretches: list[list[Segment]] = []
+        for group in self.plan(steps, segment):
+            if stretches and stretches[-1][0].first_step == group.first_step:
+                stretches[-1].append(group)
+            else:
+                stretches.append([group])
+
+        def prepare(groups: list[Segment]) -> list[tuple]:
+            todo = np.zeros(self.num_clients, np.int32)
+            for group in groups:
+                todo[list(group.clients)] = group.length
+            batches, start, placed = draw(todo), 0, []
+            for group in groups:
+                n = len(group.clients)
+                placed.append(self._place_group(
+                    group, {k: v[start:start + n] for k, v in batches.items()}))
+                start += n
+            return placed
+
         losses = []
-        for _, todo in segments(steps, segment):
-            mask = np.arange(int(todo.max()))[None, :] < todo[:, None]
-            state, segment_losses = self.local_steps(state, draw(todo), mask)
-            losses.append(segment_losses)
+        prox_mu = np.float32(self.config.prox_mu)
+        with concurrent.futures.ThreadPoolExecutor(1, "fedfms-draw") as pool:
+            ahead = pool.submit(prepare, stretches[0]) if stretches else None
+            for i, groups in enumerate(stretches):
+                placed = ahead.result()
+                if i + 1 < len(stretches):
+                    ahead = pool.submit(prepare, stretches[i + 1])
+                for group, args in zip(groups, placed):
+                    state, group_losses = self._local_steps(self.frozen, state, *args, prox_mu)
+                    losses.append((group, group_losses))
         state, finite = self.finish_local(state)
-        return state, (np.concatenate(losses, axis=1) if losses else None), finite
+        if not losses:
+            return state, None, finite
+        out = np.full((self.num_clients, int(steps.max())), np.nan, np.float32)
+        for group, group_losses in losses:
+            out[list(group.clients), group.first_step:group.first_step + group.length] = \
+                np.asarray(group_losses)[:len(group.clients)]
+        return state, out, finite
 
     def end_round(self, state: FedState, num_samples: Sequence[float],
                   participating: np.ndarray | None = None,
@@ -495,10 +585,35 @@ class Federation:
         taking_part = mask.any(axis=1)
         if sample:
             taking_part &= self.participants(int(state.round))
+        mask &= taking_part[:, None]
         state = self.begin_round(state)
-        state, losses = self.local_steps(state, batches, mask & taking_part[:, None])
-        state, _ = self.finish_local(state)
+        steps = mask.sum(axis=1)
+        if np.array_equal(mask, step_mask(steps, mask.shape[1])):
+            state, losses, _ = self.local_round(state, steps, _array_draw(batches),
+                                                mask.shape[1])
+            if losses is not None and losses.shape[1] < mask.shape[1]:
+                losses = np.pad(losses, ((0, 0), (0, mask.shape[1] - losses.shape[1])),
+                                constant_values=np.nan)
+        else:  # steps skipped in the middle: the masked path
+            state, losses = self.local_steps(state, batches, mask)
+            state, _ = self.finish_local(state)
         return self.end_round(state, num_samples, taking_part, losses)
+
+
+def _array_draw(batches: Mapping[str, np.ndarray]) -> Callable[[np.ndarray], dict]:
+    """`local_round`'s draw over a round's batches in memory (leaves [K, T, B, ...]): each
+    client's next todo[k] rows."""
+    position = np.zeros(next(iter(batches.values())).shape[0], np.int64)
+
+    def draw(todo: np.ndarray) -> dict[str, np.ndarray]:
+        active = np.flatnonzero(todo > 0)
+        length = int(todo.max())
+        out = {k: np.stack([v[c, position[c]:position[c] + length] for c in active])
+               for k, v in batches.items()}
+        position[active] += length
+        return out
+
+    return draw
 
 
 # Padding clients (zero weight, all steps masked) get ids no real client has.

@@ -57,6 +57,14 @@ def layout(num_clients: int, num_devices: int,
     return math.ceil(num_clients / chunk) * chunk, chunk
 
 
+def group_widths(chunk: int, num_devices: int) -> tuple[int, ...]:
+    """The vmap widths a group of clients may take in one call: the chunk C and n, 2n, 4n...
+    below it (n devices, each holding width / n of the group). A plan (clients.segment_plan)
+    covers any number of clients with them; only fewer than n clients need padding."""
+    return tuple(sorted({chunk} | {num_devices << i for i in range(chunk.bit_length())
+                                   if num_devices << i < chunk}, reverse=True))
+
+
 def pad_clients(tree, num_padded: int):
     """Pad every leaf's leading (client) axis with zeros to num_padded: [K, ...] -> [K_pad, ...]."""
     def pad(x):

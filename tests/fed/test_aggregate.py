@@ -10,7 +10,8 @@ import pytest
 
 from fedfms_jax.fed import aggregate, sharding
 from fedfms_jax.fed.comm import CommLedger, round_comm
-from fedfms_jax.fed.clients import client_steps, plan_clients, step_mask
+from fedfms_jax.fed.clients import (Segment, client_steps, masked_work, plan_clients,
+                                    segment_plan, step_mask)
 from fedfms_jax.fed.round import FedConfig
 from tests.numerics import EPS32, relative_error
 
@@ -179,6 +180,54 @@ def test_steps_per_round_and_masks():
         FedConfig(local_steps=3)
     with pytest.raises(ValueError, match="no server"):
         FedConfig(setting="local", server_optimizer="fedadam")
+
+
+# FedFMS's multi-site prostate data: training slices per site (BIDMC, HK, I2CVB, ISBI,
+# ISBI_1.5, UCL).
+PROSTATE_SLICES = (261, 158, 468, 421, 384, 175)
+
+
+def _replay(plan, steps, widths, max_length):
+    """Each client's steps in the order the plan trains them; checks every call's shape."""
+    done = np.zeros(len(steps), np.int64)
+    for segment in plan:
+        assert segment.width in widths and len(segment.clients) <= segment.width
+        assert 1 <= segment.length <= max_length
+        for k in segment.clients:
+            assert done[k] == segment.first_step, (segment, done)  # in order, none skipped
+            done[k] += segment.length
+    np.testing.assert_array_equal(done, steps)
+
+
+def test_segment_plans_train_every_step_once_with_little_masked_work():
+    rng = np.random.default_rng(0)
+    epochs = dict(local_steps=None, local_epochs=1)
+    mixes = {"prostate": client_steps(PROSTATE_SLICES, 4, **epochs),
+             "prostate / 16": client_steps([n // 16 for n in PROSTATE_SLICES], 4, **epochs),
+             "demo": np.array([12, 7, 4]),
+             "one client": np.array([7]),
+             "an idle client": np.array([5, 0, 9, 2])}
+    mixes |= {f"random {i}": rng.integers(0, 60, size=rng.integers(1, 9)) for i in range(20)}
+    for name, steps in mixes.items():
+        for clients_per_step in (None, 2, 3):
+            _, chunk = sharding.layout(len(steps), 1, clients_per_step)
+            widths = sharding.group_widths(chunk, 1)
+            plan = segment_plan(steps, 16, widths)
+            _replay(plan, steps, widths, 16)
+            assert masked_work(plan, steps) <= 0.15, (name, clients_per_step)
+            # On one device every width down to 1 is allowed: nothing is padded.
+            assert masked_work(plan, steps) == 0.0, (name, clients_per_step)
+    # Two devices: widths are even, so an odd group pads one member.
+    steps = mixes["prostate"]
+    _, chunk = sharding.layout(6, 2)
+    plan = segment_plan(steps, 16, sharding.group_widths(chunk, 2))
+    _replay(plan, steps, sharding.group_widths(chunk, 2), 16)
+    assert 0 < masked_work(plan, steps) <= 0.15
+    # What every client running the round's longest count costs (the demo's 12 / 7 / 4
+    # steps: 36 step-units for 23 useful).
+    assert masked_work([Segment(0, 12, (0, 1, 2), 3)], [12, 7, 4]) == 13 / 23
+    assert sharding.group_widths(6, 1) == (6, 4, 2, 1)
+    assert sharding.group_widths(8, 4) == (8, 4)
 
 
 def test_baseline_plans():
