@@ -4,6 +4,10 @@ Batches are dicts of numpy arrays (S = image_size, L = low_res_size, C = num_cla
   image          f32[B,S,S,3]  SAM-normalised, or scaled to [0,1] as FedFMS does
   mask           f32[B,S,S,C]  full-size target, for evaluation
   mask_low_res   f32[B,L,L,C]  target at the mask decoder's output size, for the loss
+The training streams take `image_output='pixels'`: instead of image and mask, pixels
+u8[B,S,S,3] (resized and padded, not normalised: the loss normalises on the device) and
+content i32[B,2] (the image's (h, w) inside S x S), mask_low_res as u8; or 'none' (decoder
+mode with cached embeddings): no image at all, so the records' images are not even read.
   valid          bool[B]       False for padding rows of a short last batch
   record_index   i32[B]        index into the site's records (-1 for padding)
   boxes          f32[B,4]      prompt='box': (x0, y0, x1, y1) in model-input pixels
@@ -26,7 +30,10 @@ from fedfms_jax.data import prompts
 from fedfms_jax.data.records import Record, steps_per_epoch
 from fedfms_jax.models.sam import PIXEL_MEAN as SAM_PIXEL_MEAN  # noqa: F401 (re-exported)
 from fedfms_jax.models.sam import PIXEL_STD as SAM_PIXEL_STD  # noqa: F401
-from fedfms_jax.models.sam import content_shape, preprocess
+from fedfms_jax.models.sam import content_shape, preprocess, resize_pad
+
+
+IMAGE_OUTPUTS = ("image", "pixels", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +52,14 @@ class ExampleOptions:
     num_negative: int = 0
     per_component: bool = False
     min_component_size: int = 1
+    image_output: str = "image"   # 'image' | 'pixels' | 'none': see the module docstring
 
     def __post_init__(self):
         checks = [
+            (self.image_output in IMAGE_OUTPUTS, f"image_output must be one of "
+                                                 f"{IMAGE_OUTPUTS}, got {self.image_output!r}"),
+            (self.image_output != "none" or not self.augment,
+             "image_output='none' (cached embeddings) cannot augment the images"),
             (self.normalise in ("sam", "unit"), f"normalise must be 'sam' or 'unit', got "
                                                 f"{self.normalise!r}"),
             (self.resize in ("stretch", "longest_side"), "resize must be 'stretch' or "
@@ -99,9 +111,9 @@ def make_example(record: Record, index: int, rng: np.random.Generator,
                  options: ExampleOptions) -> dict[str, np.ndarray]:
     """One record -> one example (the batch fields above, without the batch axis)."""
     o = options
-    image = np.asarray(record.image)
     target = target_channels(np.asarray(record.mask), o.num_classes, record.path or
                              f"record {index}")
+    image = None if o.image_output == "none" else np.asarray(record.image)
     if o.augment:
         # Exact flips and quarter turns, the same for image and mask, done at the source
         # resolution where they are cheap.
@@ -110,9 +122,12 @@ def make_example(record: Record, index: int, rng: np.random.Generator,
         if flip:
             image, target = image[:, ::-1], target[:, ::-1]
         image = np.ascontiguousarray(image)
-    image, content = preprocess(image, o.image_size, resize=o.resize, normalise=o.normalise)
+    source = target.shape[:2] if image is None else image.shape[:2]
+    content = content_shape(*source, o.image_size, o.resize)
     content_low = content_shape(*target.shape[:2], o.low_res_size, o.resize)
-    mask = _pad(resize_nearest(target, content), o.image_size)
+    # The full-size mask: evaluation's target, and where prompts are drawn from.
+    needs_mask = o.image_output == "image" or o.per_component or o.prompt != "none"
+    mask = _pad(resize_nearest(target, content), o.image_size) if needs_mask else None
     mask_low = _pad(resize_nearest(target, content_low), o.low_res_size)
 
     example = {}
@@ -120,20 +135,25 @@ def make_example(record: Record, index: int, rng: np.random.Generator,
         component = prompts.pick_component(mask[..., 0], rng, o.min_component_size)
         mask = component[..., None]
         mask_low = resize_nearest(mask, (o.low_res_size, o.low_res_size))
-    foreground = mask.any(axis=-1)
+    foreground = None if mask is None else mask.any(axis=-1)
     if o.prompt == "box":
         example["boxes"] = prompts.box_from_mask(foreground, rng, o.box_jitter)
     elif o.prompt == "points":
         coords, labels = prompts.points_from_mask(foreground, rng, o.num_positive,
                                                   o.num_negative)
         example["point_coords"], example["point_labels"] = coords, labels
-    example.update(
-        image=np.ascontiguousarray(image, np.float32),
-        mask=np.ascontiguousarray(mask, np.float32),
-        mask_low_res=np.ascontiguousarray(mask_low, np.float32),
-        valid=np.bool_(True),
-        record_index=np.int32(index),
-    )
+    if o.image_output == "image":
+        model_input, _ = preprocess(image, o.image_size, resize=o.resize, normalise=o.normalise)
+        example.update(image=np.ascontiguousarray(model_input, np.float32),
+                       mask=np.ascontiguousarray(mask, np.float32),
+                       mask_low_res=np.ascontiguousarray(mask_low, np.float32))
+    else:
+        if o.image_output == "pixels":
+            pixels, _ = resize_pad(image, o.image_size, resize=o.resize)
+            example.update(pixels=np.ascontiguousarray(pixels),
+                           content=np.asarray(content, np.int32))
+        example["mask_low_res"] = np.ascontiguousarray(mask_low, np.uint8)
+    example.update(valid=np.bool_(True), record_index=np.int32(index))
     return example
 
 
@@ -177,7 +197,7 @@ def make_dataset(records: Sequence[Record], *, image_size: int, batch_size: int,
                  num_epochs: int | None = 1, resize: str = "stretch",
                  box_jitter: float = 0.05, num_positive: int = 1, num_negative: int = 0,
                  per_component: bool = False, min_component_size: int = 1,
-                 ) -> grain.MapDataset:
+                 image_output: str = "image") -> grain.MapDataset:
     """Random-access dataset of batches of one site (fields in the module docstring).
 
     image_size: side S of the model input; low_res_size: side L of the decoder's masks
@@ -194,6 +214,8 @@ def make_dataset(records: Sequence[Record], *, image_size: int, batch_size: int,
       marked valid=False (evaluation).
     num_epochs: passes over the records (None: endless); batches never straddle epochs.
     resize: 'stretch' to S x S, or 'longest_side' (keep the aspect, zero-pad, as SAM).
+    image_output: 'image' (model input and the full-size mask, for evaluation), 'pixels'
+      (training: u8 pixels and their content, normalised on the device) or 'none'.
     """
     if not records:
         raise ValueError("no records to build a pipeline from")
@@ -207,7 +229,7 @@ def make_dataset(records: Sequence[Record], *, image_size: int, batch_size: int,
         num_classes=num_classes, normalise=normalise, resize=resize, augment=augment,
         prompt=prompt, box_jitter=box_jitter, num_positive=num_positive,
         num_negative=num_negative, per_component=per_component,
-        min_component_size=min_component_size)
+        min_component_size=min_component_size, image_output=image_output)
     seed = int(seed) % 2**32
     dataset = grain.MapDataset.range(len(records))
     if shuffle:

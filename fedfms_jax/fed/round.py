@@ -58,6 +58,7 @@ from fedfms_jax.fed.clients import (SETTINGS, Segment, client_steps, segment_pla
 from fedfms_jax.fed.comm import RoundComm, round_comm
 from fedfms_jax.fed.partition import num_bytes, split
 from fedfms_jax.losses import segmentation_loss
+from fedfms_jax.models.sam import NORMALISATIONS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class FedConfig:
     b2: float = 0.999
     eps: float = 1e-8
     pos_weight: float = 2.0
+    # How the loss turns a batch's u8 `pixels` into model input (models.sam.normalise_pixels):
+    # the data's normalisation, done on the device.
+    normalise: str = "unit"
     local_steps: int | None = None       # a fixed number of steps per round for every client,
     local_epochs: int | None = 1         # or epochs: ceil(n_k / batch) steps each, masked
     reset_optimizer: bool = False        # True: fresh optimizer state every round
@@ -112,6 +116,9 @@ class FedConfig:
                              "be 'none' and client_fraction 1")
         if not 0.0 < self.client_fraction <= 1.0:
             raise ValueError(f"client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got "
+                             f"{self.normalise!r}")
         if self.prox_mu < 0:
             raise ValueError(f"prox_mu must be >= 0, got {self.prox_mu}")
 
@@ -121,7 +128,8 @@ class FedConfig:
     @property
     def local(self) -> "LocalTraining":
         """What the compiled local steps depend on (and all they can see)."""
-        return LocalTraining(self.learning_rate, self.b1, self.b2, self.eps, self.pos_weight)
+        return LocalTraining(self.learning_rate, self.b1, self.b2, self.eps, self.pos_weight,
+                             self.normalise)
 
     @property
     def server(self) -> aggregate.ServerOptimizer:
@@ -167,13 +175,15 @@ class LocalTraining:
     b2: float
     eps: float
     pos_weight: float
+    normalise: str = "unit"
 
     def optimizer(self) -> optax.GradientTransformation:
         """Each client's optimizer: Adam (torch's defaults, as FedFMS)."""
         return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps)
 
     def loss_fn(self) -> LossFn:
-        return functools.partial(segmentation_loss, pos_weight=self.pos_weight)
+        return functools.partial(segmentation_loss, pos_weight=self.pos_weight,
+                                 normalise=self.normalise)
 
 
 def client_key(base_key: jax.Array, round_index: jax.Array, client_id: jax.Array) -> jax.Array:

@@ -71,8 +71,16 @@ class Sam(nnx.Module):
         tokens and no dense prompt embedding is added. With one class, C = 1 is mask token 0;
         with C = config.num_classes > 1 the class head maps all mask tokens' maps to C.
         """
-        embeddings = self.image_encoder(images)
-        b = images.shape[0]
+        return self.segment_embeddings(self.image_encoder(images), point_coords=point_coords,
+                                       point_labels=point_labels, boxes=boxes)
+
+    def segment_embeddings(self, embeddings: jax.Array, *,
+                           point_coords: jax.Array | None = None,
+                           point_labels: jax.Array | None = None,
+                           boxes: jax.Array | None = None) -> jax.Array:
+        """`segment` after the image encoder: image embeddings f32[B, h, w, C] -> logits
+        f32[B, L, L, C'] (decoder mode reuses each image's embedding across rounds)."""
+        b = embeddings.shape[0]
         if point_coords is None and boxes is None:
             sparse = jnp.zeros((b, 0, self.config.prompt_embed_dim), embeddings.dtype)
             dense = None
@@ -147,17 +155,54 @@ def content_shape(height: int, width: int, size: int, resize: str) -> tuple[int,
 
 
 def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """u8 or f32 [H, W, 3] on the 0..255 scale -> f32[h, w, 3], PIL bilinear (antialiased
-    when shrinking, as SAM's ResizeLongestSide); u8 stays u8 through PIL, as SAM's does."""
+    """u8 or f32 [H, W, 3] on the 0..255 scale -> [h, w, 3] of the same dtype, PIL bilinear
+    (antialiased when shrinking, as SAM's ResizeLongestSide); u8 stays u8 through PIL, as
+    SAM's does. Always a new array, which the caller may modify."""
     if image.shape[:2] == tuple(hw):
-        return image.astype(np.float32)  # a copy, which the caller may modify
+        return np.array(image, np.uint8 if image.dtype == np.uint8 else np.float32)
     h, w = hw
     if image.dtype == np.uint8:
-        resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR)
-        return np.asarray(resized, np.float32)
+        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h),
+                                                                              Image.BILINEAR))
     channels = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
                 .resize((w, h), Image.BILINEAR) for c in range(image.shape[-1])]
     return np.stack([np.asarray(c, np.float32) for c in channels], axis=-1)
+
+
+def resize_pad(image: np.ndarray, image_size: int, *, resize: str = "longest_side"
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The geometric half of `preprocess`: an image u8 (or f32 on 0..255) [H, W, 3] ->
+    (pixels [S, S, 3] of the same dtype, resized (`content_shape`) and zero-padded at the
+    bottom and right, content (h, w)). The training streams send these u8 pixels to the
+    device, which normalises them (`normalise_pixels`): 4x less to move than model input."""
+    h, w = content_shape(image.shape[0], image.shape[1], image_size, resize)
+    x = resize_image(image, (h, w))
+    if (h, w) != (image_size, image_size):
+        x = np.pad(x, ((0, image_size - h), (0, image_size - w), (0, 0)))
+    return x, (h, w)
+
+
+_INV_PIXEL_STD = np.float32(1.0) / PIXEL_STD
+_INV_255 = np.float32(1 / 255)
+
+
+def normalise_pixels(pixels, normalise: str, content=None):
+    """The value half of `preprocess`: pixels u8 (or f32 on 0..255) [..., S, S, 3] -> model
+    input f32[..., S, S, 3]: SAM's pixel mean/std ('sam') or x / 255 ('unit', as FedFMS),
+    zero outside the content i32[..., 2] (h, w) (the padding; None: all content). numpy in,
+    numpy out; a jax array (the device, inside a jitted step) likewise, with the same float32
+    operations, so both give the same bits."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+    xp = np if isinstance(pixels, np.ndarray) else jnp
+    x = pixels.astype(np.float32)
+    x = (x - PIXEL_MEAN) * _INV_PIXEL_STD if normalise == "sam" else x * _INV_255
+    if content is not None:
+        content = xp.asarray(content)
+        rows = xp.arange(x.shape[-3])[:, None] < content[..., 0, None, None]
+        cols = xp.arange(x.shape[-2])[None, :] < content[..., 1, None, None]
+        x = xp.where((rows & cols)[..., None], x, np.float32(0))
+    return x
 
 
 def preprocess(image: np.ndarray, image_size: int, *, resize: str = "longest_side",
@@ -165,22 +210,15 @@ def preprocess(image: np.ndarray, image_size: int, *, resize: str = "longest_sid
     """An image u8 (or f32 on 0..255) [H, W, 3] -> (model input f32[S, S, 3], content (h, w)).
 
     The one place where an image becomes model input (training pipeline, evaluation and
-    predict all call it): resize (`content_shape`), normalise with SAM's pixel mean/std
-    ('sam') or scale to [0, 1] ('unit', as FedFMS), zero-pad bottom/right to S x S.
+    predict all call it, or its two halves: `resize_pad` on the host, `normalise_pixels`
+    on the device for training): resize (`content_shape`), normalise with SAM's pixel
+    mean/std ('sam') or scale to [0, 1] ('unit', as FedFMS), zero-pad bottom/right to S x S.
     The defaults are official SAM's preprocessing.
     """
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
-    h, w = content_shape(image.shape[0], image.shape[1], image_size, resize)
-    x = resize_image(image, (h, w))
-    if normalise == "sam":
-        x -= PIXEL_MEAN
-        x *= 1.0 / PIXEL_STD
-    else:
-        x *= np.float32(1 / 255)
-    if (h, w) != (image_size, image_size):
-        x = np.pad(x, ((0, image_size - h), (0, image_size - w), (0, 0)))
-    return x, (h, w)
+    pixels, content = resize_pad(image, image_size, resize=resize)
+    return normalise_pixels(pixels, normalise, content), content
 
 
 def transform_coords(coords: np.ndarray, original_size: tuple[int, int],

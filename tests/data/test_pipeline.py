@@ -53,6 +53,36 @@ def test_normalisation_sam_and_unit():
     np.testing.assert_allclose(unit, 200 / 255, rtol=1e-6)
 
 
+def test_training_pixels_normalised_on_the_device_are_the_model_input_bit_for_bit():
+    """The training streams' u8 pixels (resized and padded on the host) normalised inside a
+    jitted function equal the evaluation pipeline's float32 model input, for both
+    normalisations and both resize modes, padding rows included; their targets too."""
+    import jax
+
+    from fedfms_jax.models.sam import normalise_pixels
+
+    rng = np.random.default_rng(0)
+    records = [Record(rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                      (rng.random((h, w)) < 0.3).astype(np.uint8), f"c{i}")
+               for i, (h, w) in enumerate([(40, 70), (64, 64), (90, 30)])]
+    for normalise in ("sam", "unit"):
+        for resize in ("stretch", "longest_side"):
+            opts = dict(image_size=32, batch_size=2, shuffle=False, normalise=normalise,
+                        resize=resize, drop_remainder=False, prompt="box")
+            images = _batches(make_dataset(records, **opts))
+            pixels = _batches(make_dataset(records, image_output="pixels", **opts))
+            device = jax.jit(lambda p, c: normalise_pixels(p, normalise, c))
+            for a, b in zip(images, pixels):
+                assert b["pixels"].dtype == np.uint8 and "mask" not in b and "image" not in b
+                np.testing.assert_array_equal(np.asarray(device(b["pixels"], b["content"])),
+                                              a["image"])
+                np.testing.assert_array_equal(b["mask_low_res"], a["mask_low_res"])
+                np.testing.assert_array_equal(b["boxes"], a["boxes"])
+            assert not pixels[-1]["valid"][1] and (pixels[-1]["content"][1] == 0).all()
+    with pytest.raises(ValueError, match="cannot augment"):
+        make_dataset(records, image_size=32, batch_size=1, augment=True, image_output="none")
+
+
 def test_masks_are_resized_nearest_to_both_sizes():
     records = _records(1)
     batch = next(iter(make_pipeline(records, image_size=64, batch_size=1, shuffle=False)))
