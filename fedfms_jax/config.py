@@ -27,6 +27,7 @@ from fedfms_jax.metrics import EMPTY_CONVENTIONS
 from fedfms_jax.fed.aggregate import SERVER_DEFAULTS, SERVER_HYPERPARAMETERS, SERVER_OPTIMIZERS
 from fedfms_jax.fed.partition import MODES
 from fedfms_jax.fed.round import FedConfig
+from fedfms_jax.embeddings import CACHE_MODES
 from fedfms_jax.models.image_encoder import REMAT_MODES
 from fedfms_jax.models.sam import RESIZE_MODES
 from fedfms_jax.models.variants import VARIANTS
@@ -52,6 +53,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.adapter_init": ("torch_default", "zero"),
     "model.remat": REMAT_MODES,
+    "train.embedding_cache": CACHE_MODES,
     "data.layout": LAYOUTS,
     "data.normalise": ("unit", "sam"),
     "data.prompt": ("none", "box", "points"),
@@ -131,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
         c.train[name] = placeholder(float)
     c.train.clients_per_step = 0  # 0: all clients at once; else chunks of this many
     c.train.steps_per_segment = 16  # local steps streamed through memory at a time
+    # decoder mode: each training image's embedding by the frozen encoder, computed once:
+    # auto (in memory up to a quarter of RAM, else on disk) | memory | disk | off. Never
+    # with data.augment, whose flips and turns change the encoder's input.
+    c.train.embedding_cache = "auto"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 5           # rounds between evaluations (and the last round)
@@ -315,7 +321,8 @@ def fed_config(config) -> FedConfig:
     epochs = None if t.local_steps > 0 else t.local_epochs
     return FedConfig(
         mode=config.mode, setting=ALGORITHMS[config.algorithm], learning_rate=t.learning_rate,
-        eps=t.adam_eps, pos_weight=t.pos_weight, local_steps=t.local_steps or None,
+        eps=t.adam_eps, pos_weight=t.pos_weight, normalise=config.data.normalise,
+        local_steps=t.local_steps or None,
         local_epochs=epochs, reset_optimizer=t.reset_optimizer,
         prox_mu=t.prox_mu if config.algorithm == "fedprox" else 0.0,
         client_fraction=t.client_fraction, server_optimizer=t.server_optimizer,
@@ -331,7 +338,8 @@ def fed_config(config) -> FedConfig:
 # sample counts, so moved files resume and other files are refused.
 RESUMABLE = ("rounds", "eval.every", "eval.metrics", "eval.batch_size", "checkpoint_every",
              "tensorboard", "data.num_threads", "data.root", "model.weights",
-             "train.clients_per_step", "train.steps_per_segment", "model.remat")
+             "train.clients_per_step", "train.steps_per_segment", "model.remat",
+             "train.embedding_cache")
 
 
 def trajectory(config) -> dict[str, Any]:

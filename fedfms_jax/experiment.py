@@ -22,10 +22,12 @@ from flax import nnx
 from fedfms_jax import build, evaluation
 from fedfms_jax.config import ALGORITHMS, ConfigError, load_config_file, validate  # noqa: F401
 from fedfms_jax.data.records import Record
+from fedfms_jax.embeddings import EmbeddingCache, cache_decision
 # Re-exported: the scores every driver (train, evaluate, Flower) reports.
 from fedfms_jax.evaluation import EvalSettings, SiteScores  # noqa: F401
 from fedfms_jax.fed.partition import num_params
 from fedfms_jax.fed.round import FedState, RoundResult
+from fedfms_jax.models.sam import normalise_pixels, resize_pad
 from fedfms_jax.streams import TRAIN_FIELDS, ClientStreams, pipeline_options  # noqa: F401
 
 # A run folder's Orbax checkpoints (train writes, evaluate and resume read).
@@ -52,14 +54,46 @@ class Experiment:
         self.client_records = [[r for s in group for r in self.sites[s].train]
                                for group in self.plan.sites]
         self.steps = self.federation.client_steps(self.plan.num_samples, config.data.batch_size)
+        self.embedding_cache, self.embedding_note = self._embedding_cache()
         self.streams = ClientStreams(config, self.client_records, self.federation.client_ids,
-                                     self._pipeline_options())
+                                     self._pipeline_options(), cache=self.embedding_cache)
         self._predict = _make_predict(self.federation.graphdef)
         self.preprocessing = build.preprocessing_for(config, model.config)
         self.eval_settings = EvalSettings.from_config(config.eval)
 
     def _pipeline_options(self) -> dict:
         return pipeline_options(self.config, self.image_size, self.model_config.low_res_size)
+
+    def _embedding_cache(self) -> tuple[EmbeddingCache | None, str]:
+        """Decoder mode's cache of the frozen encoder's outputs, when valid (see
+        `embeddings.cache_decision`), and the sentence saying what was decided."""
+        c = self.config
+        use, why = cache_decision(c.mode, c.data.augment, c.train.embedding_cache)
+        if not use:
+            return None, why
+        encode = _make_encode(self.federation.graphdef, c.data.normalise)
+        params, frozen = self.federation.initial_params, self.federation.frozen
+        size, batch = self.image_size, c.data.batch_size
+
+        def embed(records):
+            # Model input exactly as the training streams make it (resize_pad on the host,
+            # normalise_pixels on the device); zeros for the rows past len(records), the
+            # padding rows a short last batch gets.
+            prepared = [resize_pad(np.asarray(r.image), size, resize=c.data.resize)
+                        for r in records]
+            dtype = prepared[0][0].dtype if prepared else np.uint8
+            pixels = np.zeros((batch, size, size, 3), dtype)
+            content = np.zeros((batch, 2), np.int32)
+            for i, (x, hw) in enumerate(prepared):
+                pixels[i], content[i] = x, hw
+            return np.asarray(encode(params, frozen, pixels, content))
+
+        like = jax.eval_shape(encode, params, frozen,
+                              jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8),
+                              jax.ShapeDtypeStruct((batch, 2), np.int32))
+        cache = EmbeddingCache(self.client_records, embed, like.shape[1:], like.dtype,
+                               storage=c.train.embedding_cache)
+        return cache, cache.describe()
 
     # --- training ---------------------------------------------------------------------
 
@@ -139,9 +173,10 @@ class Experiment:
         clients = ", ".join(f"{n} ({s} slices, {k} steps/round)"
                             for n, s, k in zip(plan.names, plan.num_samples, self.steps))
         unseen = f"; unseen: {', '.join(plan.unseen_sites)}" if plan.unseen_sites else ""
+        note = f"\n{self.embedding_note}" if self.embedding_note else ""
         return (f"{self.config.algorithm} / {self.config.mode}: {self.model_config.variant} "
                 f"{self.total_params:,} parameters, {self.trainable_params:,} trainable; "
-                f"clients: {clients}{unseen}")
+                f"clients: {clients}{unseen}{note}")
 
 
 def client_params(state: FedState, client: int) -> nnx.State:
@@ -159,6 +194,17 @@ def _make_predict(graphdef):
         return model.segment(batch["image"], point_coords=batch.get("point_coords"),
                              point_labels=batch.get("point_labels"), boxes=batch.get("boxes"))
     return predict
+
+
+@functools.lru_cache(maxsize=8)
+def _make_encode(graphdef, normalise: str):
+    """The jitted frozen encoder of decoder mode's embedding cache: (params, frozen, pixels
+    u8[B, S, S, 3], content i32[B, 2]) -> image embeddings [B, h, w, C]."""
+    @jax.jit
+    def encode(params, frozen, pixels, content):
+        model = nnx.merge(graphdef, params, frozen)
+        return model.image_encoder(normalise_pixels(pixels, normalise, content))
+    return encode
 
 
 SUMMARY_HEADER = ["site", "dice", "iou", "hd95 mm", "nsd", "cases", "missed", "spurious"]

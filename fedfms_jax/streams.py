@@ -16,8 +16,10 @@ import numpy as np
 from fedfms_jax.data import make_pipeline
 from fedfms_jax.data.records import Record
 
-# Batch fields the loss reads; the full-size mask and record indices stay on the host.
-TRAIN_FIELDS = ("image", "mask_low_res", "valid", "boxes", "point_coords", "point_labels")
+# Batch fields the loss reads (the model input as u8 pixels and their content, or decoder
+# mode's cached image embeddings); record indices stay on the host.
+TRAIN_FIELDS = ("pixels", "content", "image_embeddings", "mask_low_res", "valid", "boxes",
+                "point_coords", "point_labels")
 
 
 def stream_seed(seed: int, client: int) -> int:
@@ -37,17 +39,31 @@ def pipeline_options(config: ml_collections.ConfigDict, image_size: int,
 
 class ClientStreams:
     """Training batches of K clients. client_records[k]: client k's records; client_ids[k]:
-    its id in the run (its seed); options: `pipeline_options`."""
+    its id in the run (its seed); options: `pipeline_options`; cache: decoder mode's
+    `embeddings.EmbeddingCache` of these clients' records (None: batches carry the images as
+    u8 pixels). Either way a client draws the same records, prompts and targets in the same
+    order: the image's preparation consumes no randomness."""
 
     def __init__(self, config: ml_collections.ConfigDict,
                  client_records: Sequence[Sequence[Record]], client_ids: Sequence[int],
-                 options: dict):
+                 options: dict, cache=None):
+        self.cache = cache
+        self.batch_size = options["batch_size"]
+        image_output = "pixels" if cache is None else "none"
         self.iterators = [
             iter(make_pipeline(records, **options, seed=stream_seed(config.seed, int(k)),
                                shuffle=True, augment=config.data.augment, drop_remainder=False,
-                               num_epochs=None, num_threads=config.data.num_threads))
+                               num_epochs=None, num_threads=config.data.num_threads,
+                               image_output=image_output))
             for k, records in zip(client_ids, client_records)]
         self._template = None
+
+    def _batch(self, k: int) -> dict[str, np.ndarray]:
+        batch = next(self.iterators[k])
+        if self.cache is not None:
+            batch = dict(batch, image_embeddings=self.cache.lookup(k, batch["record_index"],
+                                                                   self.batch_size))
+        return {f: batch[f] for f in TRAIN_FIELDS if f in batch}
 
     def states(self) -> list:
         return [it.get_state() for it in self.iterators]
@@ -67,8 +83,7 @@ class ClientStreams:
         for k, n in enumerate(todo):
             if n <= 0:
                 continue
-            batches = [{f: b[f] for f in TRAIN_FIELDS if f in b}
-                       for b in (next(self.iterators[k]) for _ in range(int(n)))]
+            batches = [self._batch(k) for _ in range(int(n))]
             if self._template is None:
                 self._template = jax.tree.map(np.zeros_like, batches[0])
             per_client.append(batches)

@@ -248,4 +248,38 @@ def test_prompt_and_resize_keys_reach_the_pipeline():
     streams = ClientStreams(config, [site.train], [0], pipeline_options(config, 128, 32))
     batch = streams.next_batches([1])
     assert batch["boxes"].shape == (1, 1, config.data.batch_size, 4)
-    assert batch["image"].shape == (1, 1, config.data.batch_size, 128, 128, 3)
+    # The images travel as u8 pixels with their content size, normalised on the device;
+    # nothing the loss does not read (the full-size mask, record indices).
+    assert batch["pixels"].shape == (1, 1, config.data.batch_size, 128, 128, 3)
+    assert batch["pixels"].dtype == np.uint8 and batch["mask_low_res"].dtype == np.uint8
+    assert batch["content"].shape == (1, 1, config.data.batch_size, 2)
+    assert set(batch) == {"pixels", "content", "mask_low_res", "valid", "boxes"}
+
+
+def test_decoder_mode_encodes_each_image_once_and_trains_identically():
+    """Decoder mode's frozen encoder runs once per training image (the cache, here on disk),
+    and two rounds train bit-identically to the encoder running at every step; with
+    data.augment the images change every epoch, so nothing is cached and the log says so."""
+    from fedfms_jax.experiment import Experiment
+    from tests.fed.helpers import assert_trees_equal, snapshot
+
+    states, caches = {}, {}
+    for storage in ("disk", "off"):
+        config = small_config(mode="decoder")
+        config.train.embedding_cache = storage
+        experiment = Experiment(config)
+        state = experiment.init_state()
+        for _ in range(2):
+            state, _ = experiment.train_round(state)
+        states[storage], caches[storage] = snapshot(state), experiment.embedding_cache
+    cache = caches["disk"]
+    assert caches["off"] is None and cache.storage == "disk" and cache.path
+    # 19 training images, 2 epochs: each encoded exactly once.
+    assert cache.computed == len(cache.done) == 19 and cache.done.all()
+    assert_trees_equal(states["disk"], states["off"])
+
+    config = small_config(mode="decoder")
+    config.data.augment = True
+    augmented = Experiment(config)
+    assert augmented.embedding_cache is None
+    assert "data.augment" in augmented.describe() and "every step" in augmented.describe()
