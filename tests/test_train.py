@@ -183,6 +183,8 @@ def _set(config, key, value):
     ("data.prompt", "boxes", "data.prompt='boxes' is not one of: none, box, points"),
     ("model.dtype", "float16", "model.dtype='float16' is not one of: float32, bfloat16"),
     ("model.remat", "some", "model.remat='some' is not one of: off, blocks, full"),
+    ("train.embedding_cache", "ram", "train.embedding_cache='ram' is not one of: auto, "
+                                     "memory, disk, off"),
     ("eval.mode", "fast", "eval.mode='fast' is not one of: standard, fedfms"),
     ("eval.metrics", "dice,sensitivity", "eval.metrics: "),
     ("train.server_optimizer", "momentum", "train.server_optimizer='momentum' is not one of"),
