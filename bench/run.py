@@ -8,6 +8,11 @@ Workloads (each on the same weights and inputs in both frameworks, see workloads
   train     one training step (loss, backward, Adam) in fedsam and fedmsa modes
   round     one federated round, K = 4 and 8 clients: the engine's vmapped round versus
             FedFMS's sequential per-client loop (torch_reference.FedFMSRound)
+  fedfms    FedFMS's protocol in small: 6 clients sized as the prostate sites' slice
+            counts (scaled down), one local epoch of batch 4, fedmsa: the engine's planned
+            round (only the clients still training) versus FedFMS's sequential loop
+  decoder   decoder mode's whole training round (synthetic sites, streams, engine) with
+            the embedding cache and without (JAX against JAX)
   memory    peak resident memory of a fedmsa round for K = 1, 4, 8, one process per case
 
 Plans: --quick (the small variant, under 5 minutes on 2 CPU cores), the default full run
@@ -47,13 +52,20 @@ class Plan:
     round_steps: int = 2
     round_batch: int = 4
     memory_clients: tuple[int, ...] = (1, 4, 8)
+    # FedFMS's protocol: 6 clients of the prostate sites' slice counts / fedfms_scale, one
+    # local epoch of fedfms_batch; decoder mode's round with and without the embedding
+    # cache on decoder_per_site synthetic images per site.
+    fedfms_batch: int = 4
+    fedfms_scale: int = 16
+    decoder_per_site: int = 24
 
 
 PLANS = {
     "full": Plan("full", matmul=4096, reps=5, small="small", small_batch=8, big="vit_b"),
     "quick": Plan("quick", matmul=2048, reps=3, small="small", small_batch=8),
     "smoke": Plan("smoke", matmul=512, reps=1, small="tiny", small_batch=2,
-                  round_clients=(2,), round_steps=1, round_batch=2, memory_clients=()),
+                  round_clients=(2,), round_steps=1, round_batch=2, memory_clients=(),
+                  fedfms_batch=2, fedfms_scale=100, decoder_per_site=5),
 }
 
 
@@ -181,7 +193,11 @@ def summarise(records: list[dict], roof: dict, plan: Plan, loads: dict, env: dic
     if steps:
         # The least favourable mode, so the headline figure is not the best case.
         summary["train_step_speedup"] = min(r["speedup"] for r in steps)
-    rounds = sorted(find("round"), key=lambda r: r["clients"])
+    protocol = find("fedfms round")
+    if protocol:
+        summary["fedfms_round_speedup"] = protocol[0]["speedup"]
+        summary["fedfms_masked_work"] = protocol[0]["masked_work"]
+    rounds = sorted(find("round "), key=lambda r: r["clients"])
     for r in rounds:
         summary[f"round_speedup_k{r['clients']}"] = r["speedup"]
     if rounds:
@@ -191,6 +207,17 @@ def summarise(records: list[dict], roof: dict, plan: Plan, loads: dict, env: dic
     summary["load_average"] = loads
     summary["threads"] = {"torch": env["torch_threads"], "xla": env["usable_cores"]}
     return summary
+
+
+def memory_ratio(memory: list[dict], clients: int) -> float | None:
+    """JAX's peak / PyTorch's for the fedmsa round of K = `clients`, each the round's own
+    memory (peak minus the process's baseline after its imports); None without both."""
+    cases = {m["framework"]: m for m in memory
+             if m.get("clients") == clients and "error" not in m}
+    if {"jax", "torch"} - set(cases):
+        return None
+    own = {k: m["peak_mb"] - m["baseline_mb"] for k, m in cases.items()}
+    return own["jax"] / own["torch"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     for clients in plan.round_clients:
         add(w.fed_round(plan.small, round_mode, clients, plan.round_steps, plan.round_batch,
                         bench_env), plan.reps)
+    add(w.fedfms_protocol(plan.small, round_mode, plan.fedfms_batch, bench_env,
+                          plan.fedfms_scale), plan.reps)
+    decoder_fns, decoder_first = w.decoder_rounds(plan.small, plan.fedfms_batch,
+                                                  plan.decoder_per_site)
+    decoder = measure(decoder_fns, plan.reps)
+    decoder = {"workload": f"decoder round {plan.small}", "first_round_s": decoder_first,
+               **{name: t.to_json() for name, t in decoder.items()},
+               "speedup": decoder["uncached"].median / decoder["cached"].median,
+               "speedup_best": decoder["uncached"].min / decoder["cached"].min}
+    print(f"  {decoder['workload']}: cached {decoder['cached']['median_s']:.3f} s, uncached "
+          f"{decoder['uncached']['median_s']:.3f} s", flush=True)
     roof_now()
     roof = {name: max(values) for name, values in roofs.items()}
     records = [row(pair, timings, roof) for pair, timings in records]
@@ -261,17 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     loads["end"] = load_average()
 
     summary = summarise(records, roof, plan, loads, env)
+    summary["decoder_cache_speedup"] = decoder["speedup"]
+    ratio = memory_ratio(memory, clients=4)
+    if ratio is not None:
+        summary["memory_ratio"] = ratio
     summary["dtype"] = args.dtype
     summary["wall_s"] = time.perf_counter() - started
     result = {"environment": env, "plan": dataclasses.asdict(plan), "dtype": args.dtype,
               "roof_flops_per_s": roof, "roof_runs": roofs, "workloads": records,
-              "memory": memory, "summary": summary}
+              "decoder_cache": decoder, "memory": memory, "summary": summary}
     out = args.out or RESULTS / (f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{plan.name}-"
                                  f"{args.device}-{args.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print()
     print(fmt_table(records, memory, roof, env, loads))
+    print(f"\ndecoder-mode round (JAX, whole training path): cached "
+          f"{decoder['cached']['median_s']:.3f} s, uncached {decoder['uncached']['median_s']:.3f}"
+          f" s: {decoder['speedup']:.2f}x")
     print(f"\nwritten {out}")
     print(json.dumps(summary))
     return 0

@@ -264,3 +264,88 @@ def fed_round(variant: str, mode: str, num_clients: int, steps: int, batch: int,
                 num_clients * steps * batch, seconds,
                 {"variant": variant, "mode": mode, "clients": num_clients, "steps": steps,
                  "batch": batch})
+
+
+# ---------------------------------------------------------------------- FedFMS protocol
+
+# FedFMS's multi-site prostate data: training slices of BIDMC, HK, I2CVB, ISBI, ISBI_1.5, UCL.
+PROSTATE_SLICES = (261, 158, 468, 421, 384, 175)
+
+
+def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 16) -> Pair:
+    """FedFMS's round in small: 6 clients sized as the prostate sites' slice counts / scale,
+    one local epoch each (ceil(n_k / B) steps, so unequal counts), FedAvg weighted by n_k;
+    the engine's planned round (no masked steps) against FedFMS's sequential loop."""
+    from fedfms_jax.fed.clients import Segment, client_steps, masked_work, step_mask
+    from fedfms_jax.fed.round import FedConfig, Federation
+
+    config = model_config(variant, mode)
+    torch_model, sam = build_models(config, env)
+    num_samples = [max(1, n // scale) for n in PROSTATE_SLICES]
+    steps = client_steps(num_samples, batch, local_steps=None, local_epochs=1)
+    k, longest = len(steps), int(steps.max())
+    images, targets = random_batch(config, k * longest * batch, seed=4)
+    shape = (k, longest, batch)
+    images = images.reshape(*shape, *images.shape[1:])
+    targets = targets.reshape(*shape, *targets.shape[1:])
+    federation = Federation(sam, FedConfig(mode=mode, local_epochs=1,
+                                           learning_rate=ref.LEARNING_RATE,
+                                           pos_weight=ref.POS_WEIGHT), k)
+    batches = {"image": images, "mask_low_res": targets}
+    mask = step_mask(steps, longest)
+    weights = [float(n) for n in num_samples]
+    state = [federation.init()]
+
+    def jax_fn():
+        state[0], _ = federation.run_round(state[0], batches, mask, weights, sample=False)
+        return jax.block_until_ready(state[0])
+
+    _, seconds = timed(jax_fn)
+    fedfms = ref.FedFMSRound(torch_model, mode, k, env.autocast)
+    torch_batches = [[(to_torch(images[c, s], env), to_torch(targets[c, s], env))
+                      for s in range(steps[c])] for c in range(k)]
+
+    def torch_fn():
+        out = fedfms.run_round(torch_batches, weights)
+        env.sync()
+        return out
+
+    plan = federation.plan(steps, longest)
+    return Pair(f"fedfms round {mode} {variant} K={k}", jax_fn, torch_fn, 0.0,
+                int(steps.sum()) * batch, seconds,
+                {"variant": variant, "mode": mode, "clients": k, "batch": batch,
+                 "num_samples": num_samples, "steps": steps.tolist(),
+                 "masked_work": masked_work(plan, steps),
+                 "masked_work_longest": masked_work(
+                     [Segment(0, longest, tuple(range(k)), k)], steps),
+                 "calls": len(plan)})
+
+
+# ------------------------------------------------------------------- decoder-mode cache
+
+def decoder_rounds(variant: str, batch: int, per_site: int = 24) -> tuple[dict, dict]:
+    """Decoder mode's round through the whole training path (synthetic sites, the grain
+    streams, the engine), with the embedding cache and without: ({name: round fn},
+    {name: first round's seconds, compile and cache fill})."""
+    from fedfms_jax.config import base_config
+    from fedfms_jax.experiment import Experiment
+
+    fns, first = {}, {}
+    for name, cache in (("cached", "auto"), ("uncached", "off")):
+        c = base_config()
+        c.mode, c.rounds = "decoder", 100
+        c.model.variant, c.model.weights = variant, ""
+        c.data.layout, c.data.batch_size, c.data.num_threads = "synthetic", batch, 1
+        c.data.options.num_sites, c.data.options.per_site = 2, per_site
+        c.data.options.image_size = get_config(variant).image_size
+        c.train.embedding_cache = cache
+        experiment = Experiment(c)
+        state = [experiment.init_state()]
+
+        def run_round(experiment=experiment, state=state):
+            state[0], _ = experiment.train_round(state[0])
+            return jax.block_until_ready(state[0])
+
+        _, first[name] = timed(run_round)
+        fns[name] = run_round
+    return fns, first

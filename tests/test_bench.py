@@ -26,7 +26,7 @@ def test_smoke_plan_writes_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("encoder_speedup", "train_step_speedup", "round_speedup",
-                "encoder_roof_fraction"):
+                "encoder_roof_fraction", "fedfms_round_speedup", "decoder_cache_speedup"):
         assert key in summary, f"summary lacks {key}: {sorted(summary)}"
         assert summary[key] > 0, f"{key} = {summary[key]}"
     record = json.loads(out.read_text())
@@ -38,3 +38,10 @@ def test_smoke_plan_writes_the_summary(tmp_path):
             assert all(t > 0 for t in r[framework]["times_s"]), (r["workload"], framework)
         assert r["jax_compile_s"] > 0, r["workload"]
     assert record["environment"]["torch_threads"] == record["environment"]["usable_cores"]
+    # FedFMS's protocol runs no masked step (every client stepping through the longest
+    # count would waste 50% here), and the decoder round was timed both ways.
+    protocol = next(r for r in record["workloads"] if r["workload"].startswith("fedfms round"))
+    assert protocol["clients"] == 6 and len(set(protocol["steps"])) > 1
+    assert summary["fedfms_masked_work"] == protocol["masked_work"] == 0.0
+    assert protocol["masked_work_longest"] > 0.15
+    assert set(record["decoder_cache"]) >= {"cached", "uncached", "speedup"}
