@@ -138,6 +138,17 @@ def base_config() -> ml_collections.ConfigDict:
     # with data.augment, whose flips and turns change the encoder's input.
     c.train.embedding_cache = "auto"
 
+    # Client-level differential privacy of the aggregation (DP-FedAvg; fed/aggregate.py and
+    # fed/accounting.py; README "Privacy"). Each client's update (its trainable weights minus
+    # the round's global ones) is clipped to L2 norm clip_norm, and Gaussian noise of std
+    # noise_multiplier * clip_norm * (largest FedAvg weight) is added to the average.
+    # Both 0: off (plain FedAvg, bit for bit); clip_norm > 0 alone: clipping only.
+    c.privacy = ml_collections.ConfigDict()
+    c.privacy.clip_norm = 0.0
+    c.privacy.noise_multiplier = 0.0
+    c.privacy.delta = 1e-5     # the delta of the reported (epsilon, delta)
+    c.privacy.target_epsilon = 0.0  # > 0: stop (checkpointed) before epsilon would exceed it
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 5           # rounds between evaluations (and the last round)
     # Per case on the original grid (volumes in 3-D, mm): any of dice, iou, hd95, nsd.
@@ -268,6 +279,7 @@ def validate(config, *, data_here: bool = True, weights_here: bool = True,
     if setting != "federated" and (server != "none" or t["client_fraction"] != 1.0):
         raise ConfigError(f"algorithm={c['algorithm']} has no server: train.server_optimizer "
                           "must be 'none' and train.client_fraction 1")
+    _check_privacy(c, setting)
     _check_data(c["data"], data_here)
     try:  # eval.metrics is a list of names: evaluation checks it (and the rest of eval)
         EvalSettings.from_config(ml_collections.ConfigDict(c["eval"]))
@@ -277,6 +289,34 @@ def validate(config, *, data_here: bool = True, weights_here: bool = True,
     if weights_here and weights and not Path(weights).is_file():
         raise ConfigError(f"model.weights: {weights} does not exist (convert an official "
                           "checkpoint with weights/convert.py)")
+
+
+def _check_privacy(c: dict, setting: str) -> None:
+    p = c["privacy"]
+    for key in ("clip_norm", "noise_multiplier", "target_epsilon"):
+        _number(c, f"privacy.{key}", 0)
+    _number(c, "privacy.delta", 0, 1, low_open=True)
+    if p["delta"] >= 1:
+        raise ConfigError(f"privacy.delta={p['delta']!r} must be < 1")
+    if p["noise_multiplier"] > 0 and p["clip_norm"] == 0:
+        raise ConfigError(f"privacy.noise_multiplier={p['noise_multiplier']!r} needs "
+                          "privacy.clip_norm > 0: the noise is scaled to the clipping bound "
+                          "(without one, an update's influence is unbounded)")
+    if p["target_epsilon"] > 0 and p["noise_multiplier"] == 0:
+        raise ConfigError(f"privacy.target_epsilon={p['target_epsilon']!r} needs "
+                          "privacy.noise_multiplier > 0: without noise epsilon is infinite")
+    if p["target_epsilon"] > 0:
+        from fedfms_jax.fed.accounting import Accountant  # dp-accounting: only when needed
+
+        first = Accountant(p["noise_multiplier"], p["delta"], 1, 1).epsilon(1)
+        if first > p["target_epsilon"]:
+            raise ConfigError(f"privacy.target_epsilon={p['target_epsilon']!r} is below the "
+                              f"epsilon of a single round ({first:.4g} at privacy.delta="
+                              f"{p['delta']!r}, privacy.noise_multiplier="
+                              f"{p['noise_multiplier']!r}): raise it, or the noise")
+    if setting != "federated" and (p["clip_norm"] > 0 or p["noise_multiplier"] > 0):
+        raise ConfigError(f"privacy.clip_norm and privacy.noise_multiplier apply to a "
+                          f"federation's aggregation; algorithm={c['algorithm']} has none")
 
 
 def _check_data(d: dict, data_here: bool) -> None:
@@ -327,6 +367,8 @@ def fed_config(config) -> FedConfig:
         prox_mu=t.prox_mu if config.algorithm == "fedprox" else 0.0,
         client_fraction=t.client_fraction, server_optimizer=t.server_optimizer,
         **{name: t[name] for name in SERVER_HYPERPARAMETERS},
+        clip_norm=float(config.privacy.clip_norm),
+        noise_multiplier=float(config.privacy.noise_multiplier),
         clients_per_step=t.clients_per_step or None, seed=config.seed)
 
 
@@ -339,7 +381,9 @@ def fed_config(config) -> FedConfig:
 RESUMABLE = ("rounds", "eval.every", "eval.metrics", "eval.batch_size", "checkpoint_every",
              "tensorboard", "data.num_threads", "data.root", "model.weights",
              "train.clients_per_step", "train.steps_per_segment", "model.remat",
-             "train.embedding_cache")
+             "train.embedding_cache",
+             # what is reported and when the run stops, never which steps it takes
+             "privacy.delta", "privacy.target_epsilon")
 
 
 def trajectory(config) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from fedfms_jax.config import ConfigError, resume_conflicts, trajectory
 from fedfms_jax.data.records import DataError
 from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, Experiment, eval_record,
                                    summary_rows)
+from fedfms_jax.fed.accounting import accountant_for, budget_message
 from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.plot import PREDICTIONS_FILE
@@ -76,12 +77,39 @@ def save_predictions(experiment: Experiment, state, workdir: Path) -> None:
                         predictions=np.stack(predictions))
 
 
+def privacy_rounds(config: ml_collections.ConfigDict, accountant, start: int, echo) -> int:
+    """The round the run trains to: config.rounds, or fewer where privacy.target_epsilon
+    would be exceeded (validate has refused a budget that allows no round)."""
+    target = float(config.privacy.target_epsilon)
+    if accountant is None or not target > 0:
+        return int(config.rounds)
+    allowed = accountant.rounds_within(target, int(config.rounds))
+    if allowed < config.rounds:
+        echo(budget_message(accountant, target, max(allowed, start)))
+    return max(allowed, start)
+
+
+def privacy_record(config: ml_collections.ConfigDict, accountant, done: int, outcome,
+                   names) -> dict:
+    """The round record's privacy fields: cumulative epsilon (None: clipping without noise,
+    no guarantee), the noise std and each client's update norm before clipping."""
+    if not config.privacy.clip_norm > 0:
+        return {}
+    norms = outcome.update_norm if outcome.update_norm is not None else []
+    return {"epsilon": accountant.epsilon(done) if accountant is not None else None,
+            "delta": float(config.privacy.delta), "noise_std": outcome.noise_std,
+            "update_norm": {n: float(v) for n, v, drawn in zip(names, norms,
+                                                              outcome.participating) if drawn}}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool = False,
         echo=print) -> dict:
     """Trains to config.rounds (resuming the workdir's last checkpoint) and returns the
     final evaluation: {"val": {site: SiteScores}, "test": {...}, "seconds": f, ...}."""
     workdir = Path(workdir).resolve()  # Orbax refuses relative checkpoint paths
     experiment = Experiment(config)  # checks config, reads data, builds model: no compile yet
+    accountant = accountant_for(config.privacy.noise_multiplier, config.privacy.delta,
+                                len(experiment.plan.names), config.train.client_fraction)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,10 +131,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     unseen = experiment.plan.unseen_sites
     start = int(state.round)
+    rounds = privacy_rounds(config, accountant, start, echo)
     result = {}
     seconds = 0.0
-    progress = tqdm(range(start, config.rounds), desc="rounds", unit="round", initial=start,
-                    total=config.rounds, disable=not sys.stderr.isatty())
+    progress = tqdm(range(start, rounds), desc="rounds", unit="round", initial=start,
+                    total=rounds, disable=not sys.stderr.isatty())
     for round_index in progress:
         began = time.perf_counter()
         state, outcome = experiment.train_round(state)
@@ -115,6 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
         seconds += took
         losses = {n: float(l) for n, l in zip(experiment.plan.names, outcome.mean_loss)}
         log.write({"kind": "round", "round": round_index + 1, "loss": losses,
+                   **privacy_record(config, accountant, round_index + 1, outcome,
+                                    experiment.plan.names),
                    "steps": {n: int(s) for n, s in zip(experiment.plan.names, outcome.steps)},
                    "bytes_up_per_client": int(outcome.comm.up.max(initial=0)),
                    "bytes_down_per_client": int(outcome.comm.down.max(initial=0)),
@@ -126,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
         progress.set_postfix(loss=f"{np.nanmean(outcome.mean_loss):.4f}",
                              steps=int(outcome.steps.sum()))
         done = round_index + 1
-        if done % config.eval.every == 0 or done == config.rounds:
+        if done % config.eval.every == 0 or done == rounds:
             result = {"val": experiment.evaluate(state, "val")}
             log.write(eval_record(done, "val", result["val"], unseen))
             if unseen:
@@ -136,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
             echo(f"round {done}: loss {np.nanmean(outcome.mean_loss):.4f}, val Dice {mean:.4f}"
                  + (f", unseen Dice {np.mean([s.dice for s in result['test'].values()]):.4f}"
                     if unseen else "") + f", {took:.1f}s")
-        if done % config.checkpoint_every == 0 or done == config.rounds:
+        if done % config.checkpoint_every == 0 or done == rounds:
             checkpointer.save(state, data_state={"iterators": experiment.streams.states()},
                               ledger=ledger, run_config=run_identity(experiment))
     checkpointer.wait()
@@ -150,6 +181,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
     save_predictions(experiment, state, workdir)
     scores = {**result["val"], **result.get("test", {})}
     echo(format_table(SUMMARY_HEADER, summary_rows(scores, unseen)))
+    if accountant is not None:
+        result["epsilon"] = accountant.epsilon(int(state.round))
+        echo(f"privacy: epsilon {result['epsilon']:.4f} at delta {accountant.delta:g} after "
+             f"{int(state.round)} round(s); noise multiplier {accountant.noise_multiplier:g}, "
+             f"clip norm {config.privacy.clip_norm:g}; {accountant.sampling}")
     result.update(seconds=seconds, trainable_params=experiment.trainable_params,
                   total_params=experiment.total_params,
                   bytes_up_per_client_per_round=int(federation.trainable_bytes)

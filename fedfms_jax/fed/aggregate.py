@@ -5,6 +5,23 @@ clients (training-sample counts, in float32, never rounded), taken leaf by leaf 
 trainable subtree only. A client is included when it has weight > 0 and every value of its
 updated weights is finite; the weights of the others are renormalised away. A server
 optimizer (FedAvgM, FedAdam) then treats global - mean as a pseudo-gradient.
+
+Client-level differential privacy (DP-FedAvg, McMahan et al. 2018, "Learning differentially
+private recurrent language models"), when `Privacy` is on: each included client's update
+Delta_k = theta_k - global (over the whole trainable subtree) is clipped to L2 norm C
+(`clip_norm`), and the new global before the server optimizer is
+
+    mean = global + sum_k w_k clip(Delta_k) + N(0, sigma^2 I),  sigma = z * C * max_k w_k
+
+with w_k the FedAvg weights above (sample counts are public to the server: every site
+reports its own) and z = `noise_multiplier`. Sensitivity: replacing one client's update by
+zero (the zero-out / add-or-remove relation of DP-FedAvg, dp_accounting's
+ADD_OR_REMOVE_ONE) with the weights held fixed moves sum_k w_k clip(Delta_k) by at most
+max_k w_k * C in L2, so sigma is z times the sensitivity: a Gaussian mechanism with noise
+multiplier z per round (fed/accounting.py counts it). Uniform weights (all n_k equal) give
+the smallest max_k w_k = 1/K and so the least noise; a dominant site makes the noise as
+large as its share. The noise is drawn from the run's key and the round
+(`noise_key`), so a resumed run and the Flower server add exactly the simulator's noise.
 """
 
 from __future__ import annotations
@@ -80,6 +97,95 @@ class ServerOptimizer:
         return optax.identity()
 
 
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """Client-level DP of the aggregation (hashable: it keys the compiled aggregation).
+
+    clip_norm: C, the L2 bound of each client's update over the trainable subtree (0: no
+    clipping); noise_multiplier: z, the noise std in units of the sensitivity
+    max_k w_k * C (0: no noise). Both 0 is off: the aggregation is plain FedAvg, bit for
+    bit. Noise needs clipping (without a bound there is no sensitivity to scale it to).
+    """
+
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
+
+    def __post_init__(self):
+        if self.clip_norm < 0:
+            raise ValueError(f"clip_norm must be >= 0, got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.noise_multiplier > 0 and self.clip_norm == 0:
+            raise ValueError("noise_multiplier > 0 needs clip_norm > 0: the noise is scaled "
+                             "to the clipping bound")
+        object.__setattr__(self, "clip_norm", float(self.clip_norm))
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+
+    @property
+    def on(self) -> bool:
+        return self.clip_norm > 0
+
+
+# The noise key of round r is fold_in(fold_in(key, NOISE_STREAM), r); the clients' keys are
+# fold_in(fold_in(key, r), k) (round.client_key), so no round's noise reuses a client's key.
+NOISE_STREAM = 0x7FFF_FFFF
+
+
+def noise_key(base_key: jax.Array, round_index) -> jax.Array:
+    """The DP noise key of round `round_index` (0-based) from the run's key data u32[2]."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(base_key),
+                                                 NOISE_STREAM), round_index)
+
+
+def update_norms(updates) -> jax.Array:
+    """f32[K]: the L2 norm of each client's update over every leaf (leaves [K, ...])."""
+    squares = [jnp.sum(jnp.square(x.reshape(x.shape[0], -1).astype(jnp.float32)), axis=1)
+               for x in jax.tree.leaves(updates)]
+    return jnp.sqrt(sum(squares))
+
+
+def clip_updates(updates, clip_norm: float):
+    """(updates scaled to L2 norm <= clip_norm per client, norms f32[K] before clipping).
+
+    Scale min(1, C / norm): an update already within the bound is left exactly as it is.
+    """
+    norms = update_norms(updates)
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
+
+    def clip(x):
+        s = scale.reshape(-1, *([1] * (x.ndim - 1))).astype(x.dtype)
+        return jnp.where(s < 1, x * s, x)
+    return jax.tree.map(clip, updates), norms
+
+
+def gaussian_noise(key: jax.Array, like, std: jax.Array):
+    """N(0, std^2) for every value of a tree shaped as `like`: one draw of all its values
+    in tree order, cut into the leaves (the same on the simulator and the Flower server;
+    one draw compiles to one generator however many leaves)."""
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    values = std.astype(jnp.float32) * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    starts = np.cumsum([0] + sizes)
+    noise = [values[a:b].reshape(x.shape).astype(x.dtype)
+             for a, b, x in zip(starts[:-1], starts[1:], leaves)]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def private_mean(global_params, client_params, weights: jax.Array, privacy: Privacy,
+                 key: jax.Array):
+    """global + sum_k w_k clip(theta_k - global) + N(0, (z C max_k w)^2): the DP-FedAvg mean
+    (module docstring). Returns (mean, {update_norm f32[K], noise_std f32[]})."""
+    updates = jax.tree.map(lambda c, g: c - g[None], client_params, global_params)
+    clipped, norms = clip_updates(updates, privacy.clip_norm)
+    mean_update = weighted_mean(clipped, weights)
+    std = jnp.float32(privacy.noise_multiplier * privacy.clip_norm) * jnp.max(weights)
+    if privacy.noise_multiplier > 0:
+        noise = gaussian_noise(key, mean_update, std)
+        mean_update = jax.tree.map(jnp.add, mean_update, noise)
+    mean = jax.tree.map(jnp.add, global_params, mean_update)
+    return mean, {"update_norm": norms, "noise_std": std}
+
+
 def server_optimizer(name: str, **hyper: float) -> optax.GradientTransformation:
     """`ServerOptimizer(name, **hyper).tx()`: hyper are server_lr, server_momentum, ..."""
     return ServerOptimizer(name, **hyper).tx()
@@ -139,16 +245,26 @@ def server_step(global_params, mean, tx: optax.GradientTransformation, tx_state,
 
 
 def aggregate(global_params, client_params, num_samples: jax.Array,
-              server: ServerOptimizer, server_state):
+              server: ServerOptimizer, server_state, privacy: Privacy = Privacy(),
+              key: jax.Array | None = None):
     """One round's aggregation, the same for the simulator and the Flower server (pure).
 
     client_params: leaves [K, ...]; num_samples f32[K], 0 for a client not taking part.
     A client is included when its weight is > 0 and its weights are finite; FedAvg over the
-    included, then the server optimizer. Returns (global, server_state, {finite bool[K],
-    included bool[K], weights f32[K]}); with no client included nothing changes.
+    included (with `privacy` on: the DP-FedAvg mean, clipped updates plus noise drawn from
+    `key`, see `noise_key`), then the server optimizer. Returns (global, server_state,
+    {finite bool[K], included bool[K], weights f32[K]}, plus update_norm f32[K] and
+    noise_std f32[] under privacy); with no client included nothing changes.
     """
     metrics = inclusion(client_params, num_samples)
-    mean = weighted_mean(client_params, metrics["weights"])
+    if privacy.on:
+        if key is None:
+            raise ValueError("aggregation with privacy on needs the round's noise key")
+        mean, dp = private_mean(global_params, client_params, metrics["weights"], privacy,
+                                key)
+        metrics.update(dp)
+    else:
+        mean = weighted_mean(client_params, metrics["weights"])
     global_params, server_state = server_step(global_params, mean, server.tx(), server_state,
                                               plain=server.name == "none",
                                               any_included=metrics["included"].any())
@@ -164,11 +280,22 @@ def inclusion(client_params, num_samples: jax.Array) -> dict[str, jax.Array]:
 
 
 @functools.lru_cache(maxsize=16)
-def aggregate_fn(server: ServerOptimizer):
-    """jit(aggregate) for one server optimizer (the Flower server's; the simulator compiles
-    `aggregate` into its end_round)."""
-    return jax.jit(lambda global_params, client_params, num_samples, server_state: aggregate(
-        global_params, client_params, num_samples, server, server_state))
+def aggregate_fn(server: ServerOptimizer, privacy: Privacy = Privacy()):
+    """jit(aggregate) for one server optimizer and privacy setting (the Flower server's; the
+    simulator compiles `aggregate` into its end_round): (global, clients, num_samples,
+    server_state, base_key u32[2], round_index i32[]) -> aggregate's result."""
+    def run(global_params, client_params, num_samples, server_state, base_key, round_index):
+        key = noise_key(base_key, round_index) if privacy.on else None
+        return aggregate(global_params, client_params, num_samples, server, server_state,
+                         privacy, key)
+    return jax.jit(run)
+
+
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients `sample_clients` draws: max(1, round(fraction * K)), K at 1."""
+    if fraction >= 1.0 or num_clients == 0:
+        return num_clients
+    return min(num_clients, max(1, int(round(fraction * num_clients))))
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_index: int
@@ -182,10 +309,10 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_index: in
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"client fraction must be in (0, 1], got {fraction}")
     chosen = np.zeros(num_clients, bool)
-    if fraction >= 1.0 or num_clients == 0:
+    count = clients_per_round(num_clients, fraction)
+    if count == num_clients:
         chosen[:] = True
         return chosen
-    count = max(1, int(round(fraction * num_clients)))
     rng = np.random.default_rng([seed, round_index])
     chosen[rng.choice(num_clients, size=count, replace=False)] = True
     return chosen

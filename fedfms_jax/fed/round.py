@@ -95,6 +95,10 @@ class FedConfig:
     server_b1: float | None = None        # FedAdam
     server_b2: float | None = None
     server_eps: float | None = None
+    # Client-level DP of the aggregation (aggregate.Privacy): each update clipped to L2 norm
+    # clip_norm, Gaussian noise of std noise_multiplier * clip_norm * max_k w_k; 0, 0: off.
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
     # Scale: clients trained at once (None: all); rounded up to a multiple of the devices.
     clients_per_step: int | None = None
     seed: int = 0                        # base PRNG key and client sampling
@@ -121,6 +125,10 @@ class FedConfig:
                              f"{self.normalise!r}")
         if self.prox_mu < 0:
             raise ValueError(f"prox_mu must be >= 0, got {self.prox_mu}")
+        privacy = self.privacy  # checks clip_norm and noise_multiplier
+        if self.setting != "federated" and privacy.on:
+            raise ValueError(f"setting {self.setting!r} has no aggregation to make private: "
+                             "clip_norm and noise_multiplier must be 0")
 
     def replace(self, **changes: Any) -> "FedConfig":
         return dataclasses.replace(self, **changes)
@@ -137,6 +145,11 @@ class FedConfig:
         return aggregate.ServerOptimizer(
             self.server_optimizer, **{name: getattr(self, name)
                                       for name in aggregate.SERVER_HYPERPARAMETERS})
+
+    @property
+    def privacy(self) -> aggregate.Privacy:
+        """The aggregation's client-level DP (off when clip_norm and noise_multiplier are 0)."""
+        return aggregate.Privacy(self.clip_norm, self.noise_multiplier)
 
     def local_optimizer(self) -> optax.GradientTransformation:
         return self.local.optimizer()
@@ -281,8 +294,9 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
 
 @functools.lru_cache(maxsize=32)
 def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptimizer,
-                    setting: str, reset_optimizer: bool, mesh: jax.sharding.Mesh,
-                    num_padded: int) -> tuple[Callable, Callable, Callable]:
+                    privacy: aggregate.Privacy, setting: str, reset_optimizer: bool,
+                    mesh: jax.sharding.Mesh, num_padded: int
+                    ) -> tuple[Callable, Callable, Callable]:
     """(jit(begin_round), jit(finish_local), jit(end_round)) for one setting and server,
     cached on exactly what they are built from; all donate the state.
 
@@ -291,7 +305,9 @@ def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptim
     finish_local(state) -> (state, finite bool[K_pad]): a client whose weights are not
     finite restarts its optimizer (its Adam moments are likely NaN too and would spoil every
     later round).
-    end_round(state, num_samples f32[K_pad]) -> (state, {finite, included, weights}[K_pad]).
+    end_round(state, num_samples f32[K_pad]) -> (state, {finite, included, weights}[K_pad],
+    with privacy on also update_norm [K_pad] and noise_std []); the DP noise key is the
+    state's key and round (aggregate.noise_key).
     """
     tx = local_training.optimizer()
     local = setting == "local"
@@ -321,9 +337,10 @@ def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptim
             metrics = aggregate.inclusion(state.client_params, num_samples)
             global_params, server_state = state.global_params, state.server_opt_state
         else:
+            key = aggregate.noise_key(state.key, state.round) if privacy.on else None
             global_params, server_state, metrics = aggregate.aggregate(
                 state.global_params, state.client_params, num_samples, server,
-                state.server_opt_state)
+                state.server_opt_state, privacy, key)
         state = state.replace(round=state.round + 1, global_params=global_params,
                               server_opt_state=server_state)
         return state, metrics
@@ -344,6 +361,8 @@ class RoundResult:
     included: np.ndarray        # bool: in the average
     weights: np.ndarray         # f32: FedAvg weights used (sum 1 over included clients)
     comm: RoundComm
+    update_norm: np.ndarray | None = None  # f32: L2 norm of each update before clipping (DP)
+    noise_std: float = 0.0      # std of the DP noise added to the mean (0: none)
 
 
 class Federation:
@@ -388,8 +407,8 @@ class Federation:
         self._local_steps = _local_steps_fn(self.graphdef, config.local, loss_fn, self.mesh,
                                             self.num_padded, self.chunk)
         self._begin_round, self._finish_local, self._end_round = _round_edges_fn(
-            config.local, config.server, config.setting, config.reset_optimizer, self.mesh,
-            self.num_padded)
+            config.local, config.server, config.privacy, config.setting,
+            config.reset_optimizer, self.mesh, self.num_padded)
 
     # --- state -------------------------------------------------------------------------
 
@@ -565,6 +584,7 @@ class Federation:
             sharding.pad_clients(np.where(taking_part, n, 0.0).astype(np.float32),
                                  self.num_padded), self.mesh)
         state, metrics = self._end_round(state, weights)
+        noise_std = float(metrics.pop("noise_std", 0.0))
         metrics = {k: np.asarray(v)[:self.num_clients] for k, v in metrics.items()}
         done = int(state.round)
         bad = np.flatnonzero(taking_part & (n > 0) & ~metrics["finite"])
@@ -583,7 +603,8 @@ class Federation:
         return state, RoundResult(round=done, participating=taking_part, steps=steps,
                                   mean_loss=mean_loss, finite=metrics["finite"],
                                   included=metrics["included"], weights=metrics["weights"],
-                                  comm=comm)
+                                  comm=comm, update_norm=metrics.get("update_norm"),
+                                  noise_std=noise_std)
 
     def run_round(self, state: FedState, batches: Mapping[str, np.ndarray], mask: np.ndarray,
                   num_samples: Sequence[float], *, sample: bool = True

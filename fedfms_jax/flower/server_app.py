@@ -41,6 +41,7 @@ from fedfms_jax.compilation_cache import enable_compilation_cache
 from fedfms_jax.config import fed_config, validate
 from fedfms_jax.experiment import SiteScores, eval_record
 from fedfms_jax.fed import aggregate
+from fedfms_jax.fed.accounting import accountant_for, budget_message
 from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
 from fedfms_jax.flower import arrays
@@ -82,6 +83,9 @@ class Server:
         self.like = trainable
         self.fed_config = fed_config(self.config)
         self.server = self.fed_config.server
+        self.privacy = self.fed_config.privacy
+        # The run's key, as the simulator's FedState holds it: the DP noise derives from it.
+        self.base_key = np.asarray(jax.random.key_data(jax.random.key(self.fed_config.seed)))
         self.global_params = jax.tree.map(np.asarray, trainable)
         self.server_state = self.server.tx().init(self.global_params)
         self.global_arrays = arrays.to_arrayrecord(trainable)
@@ -166,18 +170,36 @@ class Server:
         by_name = {s.name: s for s in ordered}
         clients = [by_name[name] for name in plan.names]
         client_sites = [s.index for s in clients]
-        rounds = int(self.config.rounds)
+        self.accountant = accountant_for(
+            self.config.privacy.noise_multiplier, self.config.privacy.delta, len(clients),
+            self.config.train.client_fraction)
+        rounds = self.rounds_in_budget()
         for round_index in range(rounds):
             self.train_round(round_index, clients, client_sites)
             done = round_index + 1
             if done % self.config.eval.every == 0 or done == rounds:
                 self.evaluate(done, clients, [by_name[n] for n in plan.unseen_sites])
-        weights = self.save_final()
+        weights = self.save_final(rounds)
         summary = {"kind": "done", "round": rounds, "rounds": rounds,
                    "seconds": time.perf_counter() - started, "weights": weights,
                    "bytes_cumulative": self.bytes_cumulative, "lost": self.lost}
+        if self.accountant is not None:
+            summary["epsilon"] = self.accountant.epsilon(rounds)
+            summary["delta"] = self.accountant.delta
+            log(INFO, "privacy: epsilon %.4f at delta %g after %d rounds; %s",
+                summary["epsilon"], self.accountant.delta, rounds, self.accountant.sampling)
         self.write(summary)
         return summary
+
+    def rounds_in_budget(self) -> int:
+        """config.rounds, or fewer where privacy.target_epsilon would be exceeded."""
+        rounds, target = int(self.config.rounds), float(self.config.privacy.target_epsilon)
+        if self.accountant is None or not target > 0:
+            return rounds
+        allowed = self.accountant.rounds_within(target, rounds)  # >= 1: validate checked
+        if allowed < rounds:
+            log(WARNING, "%s", budget_message(self.accountant, target, allowed))
+        return allowed
 
     def train_round(self, round_index: int, clients: list[SiteInfo],
                     client_sites: list[int]) -> None:
@@ -221,12 +243,12 @@ class Server:
             loss[site.name] = float(metrics["loss"])
             steps[site.name] = int(metrics["steps"])
             replies.append((site, reply))
-        excluded = self.aggregate(done, replies)
+        excluded, dp = self.aggregate(done, replies)
         total = down * len(messages) + sum(up.values())
         self.bytes_cumulative += total
         ordered = [s.name for s in taking_part]
         self.write({
-            "kind": "round", "round": done, "loss": loss, "steps": steps,
+            "kind": "round", "round": done, "loss": loss, "steps": steps, **dp,
             "bytes_up_per_client": max(up.values(), default=0),
             "bytes_down_per_client": down if messages else 0,
             "bytes_total": total, "bytes_cumulative": self.bytes_cumulative,
@@ -259,21 +281,31 @@ class Server:
             if scores:
                 self.write(eval_record(done, split_, scores, tuple(s.name for s in unseen)))
 
-    def aggregate(self, done: int, replies: list) -> list[str]:
+    def privacy_fields(self, done: int, norms: dict[str, float], noise_std: float) -> dict:
+        """The round record's privacy fields, as fedfms_jax.train writes them."""
+        if not self.privacy.on:
+            return {}
+        return {"epsilon": None if self.accountant is None else self.accountant.epsilon(done),
+                "delta": float(self.config.privacy.delta), "noise_std": noise_std,
+                "update_norm": norms}
+
+    def aggregate(self, done: int, replies: list) -> tuple[list[str], dict]:
         """The round's new global weights from the replies [(SiteInfo, Message)], by the
-        simulator's aggregation (non-finite replies left out, as there). Returns the names
-        of the sites left out."""
+        simulator's aggregation (non-finite replies left out, as there; with privacy on,
+        each site's update clipped and the mean noised with the simulator's key for this
+        round). Returns (the names of the sites left out, the round's privacy fields)."""
         if not replies:
             log(WARNING, "round %d: no update to average; the global weights are unchanged",
                 done)
-            return []
+            return [], self.privacy_fields(done, {}, 0.0)
         trees = [arrays.from_arrayrecord(reply.content["arrays"], self.like,
                                          f"the reply of {site}") for site, reply in replies]
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
         num_samples = np.array([float(reply.content["metrics"]["num-examples"])
                                 for _, reply in replies], np.float32)
-        new, self.server_state, metrics = aggregate.aggregate_fn(self.server)(
-            self.global_params, stacked, num_samples, self.server_state)
+        new, self.server_state, metrics = aggregate.aggregate_fn(self.server, self.privacy)(
+            self.global_params, stacked, num_samples, self.server_state, self.base_key,
+            np.int32(done - 1))
         self.global_params = jax.tree.map(np.asarray, new)
         self.global_arrays = arrays.to_arrayrecord(self.global_params)
         excluded = [site.name for (site, _), ok in zip(replies, np.asarray(metrics["finite"]))
@@ -284,14 +316,16 @@ class Server:
         if len(excluded) == len(replies):
             log(WARNING, "round %d: no update to average; the global weights are unchanged",
                 done)
-        return excluded
+        norms = {site.name: float(v) for (site, _), v in
+                 zip(replies, np.asarray(metrics.get("update_norm", [])))}
+        return excluded, self.privacy_fields(done, norms, float(metrics.get("noise_std", 0.0)))
 
-    def save_final(self) -> str | None:
+    def save_final(self, rounds: int) -> str | None:
         """The global model (frozen + global trainable weights) as a weights file."""
         if not self.settings.workdir:
             return None
         model = nnx.merge(self.graphdef, self.global_params, self.frozen)
-        return str(save_final(self.settings.workdir, model, self.config, self.config.rounds,
+        return str(save_final(self.settings.workdir, model, self.config, rounds,
                               "fedfms_jax.flower",
                               preprocessing=preprocessing_for(self.config, model.config)))
 
