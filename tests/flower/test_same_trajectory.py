@@ -15,9 +15,11 @@ from flax import nnx
 from flwr.app import Context, RecordDict
 
 from fedfms_jax.experiment import Experiment
+from fedfms_jax.fed.accounting import Accountant
 from fedfms_jax.flower import arrays, client_app
 from fedfms_jax.flower.server_app import Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
+from fedfms_jax.run_log import read_records
 from fedfms_jax.weights_file import flat_path
 from tests.flower.test_deployment import tiny_config
 from tests.flower.test_server_app import FakeGrid, serverapp_identity  # noqa: F401 (autouse)
@@ -107,3 +109,25 @@ def test_flower_trains_the_simulators_trajectory(tmp_path, server, hyper):
     gain = max(1.0, server_lr / experiment.federation.config.server.server_eps) \
         if server == "fedadam" else 1.0
     assert rest[worst] <= 1e-5 * gain, (worst, rest[worst], moved)
+
+
+@pytest.mark.slow  # two tiny-SAM trainings (~1-2 min); the server's DP is in test_server_app
+def test_flower_with_client_level_dp_ends_with_the_simulators_weights(tmp_path):
+    """DP-FedAvg on Flower is the simulator's: the server clips each site's update and adds
+    the noise of the run's key and round, so both end with the same weights (every leaf
+    within 1e-5; Adam eps 1e-4 keeps the key biases quiet) and report the same epsilon."""
+    config = tiny_config(**{"mode": "decoder", "data.options.num_sites": 2,
+                            "data.unseen_site": "", "privacy.noise_multiplier": 1.0,
+                            "privacy.clip_norm": 0.02})
+    expected = simulate(config)
+    final = flower_run(config, tmp_path)
+    assert final.keys() == expected.keys()
+    worst = max(float(np.max(np.abs(final[k] - v))) for k, v in expected.items())
+    assert worst <= 1e-5, worst
+    records = read_records(tmp_path, "round")
+    accountant = Accountant(1.0, config.privacy.delta, 2, 2)
+    assert [r["epsilon"] for r in records] == pytest.approx(
+        [accountant.epsilon(r) for r in (1, 2)], rel=1e-12)
+    # The mechanism was really at work: updates above the bound, noise of z C max_k w_k.
+    assert all(max(r["update_norm"].values()) > 0.02 and r["noise_std"] > 0.01
+               for r in records)

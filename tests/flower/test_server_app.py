@@ -3,6 +3,8 @@ strategies, failure policies, timeouts and the records it writes."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord,
@@ -12,11 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedfms_jax.build import build_model
 from fedfms_jax.config import ConfigError
 from fedfms_jax.fed import aggregate
+from fedfms_jax.fed.accounting import Accountant
 from fedfms_jax.flower import arrays, server_app
 from fedfms_jax.flower.server_app import FederationError, Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
 from fedfms_jax.run_log import read_records
 from tests.flower.test_deployment import tiny_config
+from tests.numerics import EPS32
 
 
 @pytest.fixture(autouse=True)
@@ -279,3 +283,38 @@ def test_run_settings_round_trip():
         RunSettings(config_json="{}", num_sites=1, on_site_failure="ignore")
     with pytest.raises(ValueError, match="config-json"):
         RunSettings.from_run_config({"num-sites": 2})
+
+
+def test_the_server_clips_each_site_and_adds_the_simulators_noise(tmp_path):
+    """DP-FedAvg on the server: each site's update clipped, the simulator's noise (the
+    run's key and the round), the epsilon in every round record. (test_same_trajectory.py
+    runs the real ClientApp against the simulator with DP end to end, marked slow.)"""
+    sites = [FakeSite(0, "a", 3, delta=1.0), FakeSite(1, "b", 1, delta=-1.0)]
+    server = make_server(FakeGrid(sites), tmp_path, 2, rounds=2, **{
+        "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0})
+    before = {k: np.asarray(v, np.float64) for k, v in trainable(server).items()}
+    server.run()
+    size = sum(v.size for v in before.values())
+    key = jax.random.key_data(jax.random.key(server.config.seed))  # the simulator's FedState.key
+    expected = dict(before)
+    for round_index in range(2):
+        # Each site moved every weight by +-1: clipped to norm 0.5 along the same direction,
+        # so the weighted mean moves every weight by (3/4 - 1/4) * 0.5 / sqrt(size).
+        std = jnp.float32(1.0 * 0.5 * 0.75)
+        noise = aggregate.gaussian_noise(aggregate.noise_key(key, round_index),
+                                         server.like, std)
+        flat_noise = arrays.arrays_of(arrays.to_arrayrecord(noise))
+        expected = {k: v + 0.25 / np.sqrt(size) + flat_noise[k] for k, v in expected.items()}
+    for name, value in trainable(server).items():
+        scale = float(np.max(np.abs(expected[name])))
+        # float32 rounding of a few terms of this size
+        assert float(np.max(np.abs(value - expected[name]))) <= 64 * EPS32 * scale, name
+    records = read_records(tmp_path, "round")
+    accountant = Accountant(1.0, 1e-5, 2, 2)
+    assert [r["epsilon"] for r in records] == pytest.approx(
+        [accountant.epsilon(1), accountant.epsilon(2)], rel=1e-12)
+    for r in records:
+        assert r["noise_std"] == pytest.approx(0.375)
+        assert r["update_norm"] == pytest.approx({"a": np.sqrt(size), "b": np.sqrt(size)},
+                                                 rel=1e-5)
+    assert read_records(tmp_path, "done")[0]["epsilon"] == pytest.approx(accountant.epsilon(2))
