@@ -291,6 +291,18 @@ def aggregate_fn(server: ServerOptimizer, privacy: Privacy = Privacy()):
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=16)
+def mean_update_step_fn(server: ServerOptimizer):
+    """jit: (global, mean_update, server_state) -> (global, server_state). The server step
+    after a secure aggregation, which gives the server only the clients' weighted mean
+    update sum_k w_k (theta_k - global), not their weights."""
+    def run(global_params, mean_update, server_state):
+        mean = jax.tree.map(jnp.add, global_params, mean_update)
+        return server_step(global_params, mean, server.tx(), server_state,
+                           plain=server.name == "none", any_included=jnp.array(True))
+    return jax.jit(run)
+
+
 def clients_per_round(num_clients: int, fraction: float) -> int:
     """How many clients `sample_clients` draws: max(1, round(fraction * K)), K at 1."""
     if fraction >= 1.0 or num_clients == 0:

@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedfms_jax.flower import channel
+from fedfms_jax.flower.secagg import secagg_mod
 
 app = ClientApp()
 
@@ -96,7 +97,7 @@ def query(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # SecAgg+ rounds (--secagg) mask the update; others pass
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     incoming = msg.content["arrays"]

@@ -38,13 +38,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfms_jax.build import build_model, preprocessing_for
 from fedfms_jax.compilation_cache import enable_compilation_cache
-from fedfms_jax.config import fed_config, validate
+from fedfms_jax.config import ConfigError, fed_config, validate
 from fedfms_jax.experiment import SiteScores, eval_record
 from fedfms_jax.fed import aggregate
 from fedfms_jax.fed.accounting import accountant_for, budget_message
 from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
-from fedfms_jax.flower import arrays
+from fedfms_jax.flower import arrays, secagg
 from fedfms_jax.flower.exchange import Outcome, exchange
 from fedfms_jax.flower.settings import RunSettings
 from fedfms_jax.run_log import RunLog, save_final
@@ -68,6 +68,14 @@ class SiteInfo:
         return f"site {self.index} ({self.name}, node {self.node})"
 
 
+def check_secagg(config, settings: RunSettings) -> None:
+    """SecAgg+ gives the server only the sum of the updates: nothing it could clip."""
+    if settings.secagg and (config.privacy.clip_norm > 0 or config.privacy.noise_multiplier > 0):
+        raise ConfigError("privacy.clip_norm / privacy.noise_multiplier clip and noise each "
+                          "site's update on the server, which SecAgg+ (--secagg) makes "
+                          "impossible: the server sees only their sum. Run one or the other")
+
+
 class Server:
     """One Flower run of an experiment config."""
 
@@ -77,6 +85,7 @@ class Server:
         self.config = settings.config
         # The sites hold the data (and check it); a weights file must be here too.
         validate(self.config, data_here=False, federated=True)
+        check_secagg(self.config, settings)
         self.run_log = RunLog(settings.workdir) if settings.workdir else None
         model = build_model(self.config)
         self.graphdef, trainable, self.frozen = split(model, self.config.mode)
@@ -211,6 +220,8 @@ class Server:
         if self.lost and len(taking_part) < self.settings.min_sites:
             self.fail(done, f"round {done}: only {len(taking_part)} site(s) left "
                             f"(min-sites={self.settings.min_sites}); lost: {self.lost}")
+        if self.settings.secagg:
+            return self.secure_round(done, began, clients, taking_part, client_sites)
         by_node = {s.node: s for s in taking_part}
         messages = [Message(RecordDict({"arrays": self.global_arrays, "config": ConfigRecord(
             {"server-round": done, "client-sites": client_sites})}), dst_node_id=node,
@@ -257,6 +268,60 @@ class Server:
             "excluded": excluded, "sites": ordered,
             "failed": {name: why for name, why in self.lost.items()
                        if why.startswith(f"round {done} ")},
+            "seconds": time.perf_counter() - began})
+
+    def secure_round(self, done: int, began: float, clients: list[SiteInfo],
+                     taking_part: list[SiteInfo], client_sites: list[int]) -> None:
+        """A round under SecAgg+ (flower/secagg.py): the server learns the weighted mean of
+        the sites' updates and nothing of any one of them; a site dropping after the key
+        sharing is handled by the protocol within its threshold, then by the failure policy."""
+        by_node = {s.node: s for s in taking_part}
+        outcome = secagg.secure_round(
+            self.grid, list(by_node), arrays.arrays_of(self.global_arrays),
+            {"server-round": done, "client-sites": client_sites},
+            max_weight=float(max(s.num_train for s in clients)),
+            secagg_range=self.settings.secagg_range, threshold=self.settings.secagg_threshold,
+            timeout=self.settings.round_timeout)
+        failed = {node: "dropped out of the SecAgg+ round" for node in outcome.dropped}
+        if failed:
+            if self.settings.on_site_failure == "fail":
+                self.fail(done, f"round {done}: " + "; ".join(
+                    f"{by_node[n]} {why}" for n, why in failed.items())
+                    + " (on-site-failure=fail; with 'continue' SecAgg+ averages the others)")
+            for node, why in failed.items():
+                self.lost[by_node[node].name] = f"round {done} training: {why}"
+            log(WARNING, "round %d: %s", done, "; ".join(f"{by_node[n]} {why}"
+                                                         for n, why in failed.items()))
+        if outcome.mean_update is None:
+            if not outcome.metrics:
+                self.fail(done, f"round {done}: SecAgg+ halted: fewer sites answered than its "
+                                f"threshold ({self.settings.secagg_threshold:g} of each "
+                                "site's neighbours) needs")
+            log(WARNING, "round %d: no update with weight > 0; the global weights are "
+                "unchanged", done)
+        else:
+            like = arrays.state_to_arrays(self.like)
+            update = arrays.from_arrays({k: v.astype(like[k].dtype) for k, v in
+                                         outcome.mean_update.items()}, self.like,
+                                        "the SecAgg+ aggregate")
+            new, self.server_state = aggregate.mean_update_step_fn(self.server)(
+                self.global_params, update, self.server_state)
+            self.global_params = jax.tree.map(np.asarray, new)
+            self.global_arrays = arrays.to_arrayrecord(self.global_params)
+        down = arrays.message_bytes(self.global_arrays)
+        finished = {by_node[n].name: m for n, m in outcome.metrics.items()}
+        self.bytes_cumulative += down * len(by_node)
+        self.write({
+            "kind": "round", "round": done, "secagg": True,
+            "loss": {n: float(m["loss"]) for n, m in finished.items()},
+            "steps": {n: int(m["steps"]) for n, m in finished.items()},
+            "secagg_clipped": {n: int(m.get("secagg-clipped", 0)) for n, m in finished.items()},
+            # Under SecAgg+ the upload is masked key material and vectors, not counted here.
+            "bytes_up_per_client": 0, "bytes_down_per_client": down,
+            "bytes_total": down * len(by_node), "bytes_cumulative": self.bytes_cumulative,
+            "excluded": [n for n, m in finished.items() if int(m["num-examples"]) == 0],
+            "sites": [s.name for s in taking_part],
+            "failed": {by_node[n].name: why for n, why in failed.items()},
             "seconds": time.perf_counter() - began})
 
     def evaluate(self, done: int, clients: list[SiteInfo], unseen: list[SiteInfo]) -> None:

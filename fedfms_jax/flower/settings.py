@@ -37,6 +37,13 @@ class RunSettings:
     on_site_failure: str = "fail"    # a site errs or is lost mid-round: 'fail' the run, or
                                      # 'continue' with the remaining sites
     min_sites: int = 1               # with 'continue': fewest replies a round may average
+    # Secure aggregation (flower/secagg.py): 1 runs every round as SecAgg+, the server
+    # seeing only the sum; the sites' updates are clipped to [-secagg_range, secagg_range]
+    # per value before quantisation, and a site's masks are removed while at least
+    # secagg_threshold of its neighbours answer.
+    secagg: int = 0
+    secagg_range: float = 1.0
+    secagg_threshold: float = 0.67
 
     def __post_init__(self):
         if self.on_site_failure not in FAILURE_POLICIES:
@@ -49,6 +56,12 @@ class RunSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0 seconds")
         if self.min_sites < 1:
             raise ValueError(f"min-sites must be >= 1, got {self.min_sites}")
+        if self.secagg not in (0, 1):
+            raise ValueError(f"secagg must be 0 or 1, got {self.secagg}")
+        if not self.secagg_range > 0:
+            raise ValueError(f"secagg-range must be > 0, got {self.secagg_range}")
+        if not 0 < self.secagg_threshold <= 1:
+            raise ValueError(f"secagg-threshold must be in (0, 1], got {self.secagg_threshold}")
 
     @property
     def config(self) -> ml_collections.ConfigDict:

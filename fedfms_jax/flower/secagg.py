@@ -1,0 +1,201 @@
+"""Secure aggregation on Flower: SecAgg+ (Bell et al. 2020) through flwr's own protocol.
+
+With `--secagg` the server never sees a site's update, only the weighted sum of all of
+them: each round runs flwr's `SecAggPlusWorkflow` (server) against `secaggplus_mod`
+(each site's ClientApp train handler), which in flwr 1.42 live on the legacy path, so this
+module is the glue both ways:
+
+  server  `secure_round` builds the LegacyContext the workflow wants (a Strategy whose
+          configure_fit hands it our train instructions and whose aggregate_fit receives
+          the unmasked sum) and returns the weighted mean of the sites' updates;
+  site    `secagg_mod` wraps the train handler: a SecAgg+ message goes through
+          `secaggplus_mod`, whose fit step calls the handler unchanged (it trains as
+          always) and sends the update theta_k - global (not the weights: an update spans a
+          far smaller range, so the quantisation below costs far less).
+
+What travels: every site's update multiplied by its weight n_k / max_j n_j, clipped to
+[-R, R] (R = secagg-range, a Flower setting), stochastically quantised to integers in
+[0, 2^22) and masked (pairwise masks that cancel in the sum, plus a private mask whose
+seed is Shamir-shared among the sites); the weights travel quantised in the same vector.
+The server unmasks only the sum. A site that drops after the key sharing is handled as
+SecAgg+ handles it: while at least `threshold` of its neighbours answer, the others' shares
+rebuild its pairwise masks and the round averages the sites that finished.
+
+Quantisation error: each value is rounded to a grid of step 2R / 2^22 (stochastic
+rounding, unbiased), so the mean update differs from FedAvg's by at most
+K * 2R / 2^22 / sum_k (n_k / max_j n_j) <= K * 2R / 2^22 per value (K sites; 1.4e-6 for
+K = 3 and R = 1), plus the weights' own rounding (relative 2^-22). A value with
+|update * n_k / max n| > R is clipped: each site counts and logs those ('secagg-clipped').
+
+Not available under SecAgg: the server's per-site checks (a non-finite update is replaced
+by a zero update of weight 0 on the site itself), per-site message sizes, and server-side
+DP clipping (the server has no update to clip: DP under SecAgg would need each site to
+clip and noise its own update; this project refuses privacy.clip_norm with --secagg).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import (Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common import log
+from flwr.common.secure_aggregation.secaggplus_constants import (RECORD_KEY_CONFIGS,
+                                                                RECORD_KEY_STATE)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+
+# flwr's SecAggPlusWorkflow defaults: integers in [0, 2^22), masks modulo 2^32.
+QUANTIZATION_RANGE = 2**22
+MODULUS_RANGE = 2**32
+
+
+def quantisation_bound(num_sites: int, secagg_range: float) -> float:
+    """The largest difference per value between the SecAgg+ mean update and FedAvg's
+    (module docstring), for weights all at the maximum: K * 2R / 2^22 plus the weights'
+    rounding."""
+    return num_sites * 2 * secagg_range / QUANTIZATION_RANGE * (1 + 1e-6) + \
+        secagg_range / QUANTIZATION_RANGE
+
+
+# --- the site ---------------------------------------------------------------------------
+
+def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+    """The ClientApp train mod: SecAgg+ messages through flwr's secaggplus_mod (the site's
+    update, masked), every other message straight to the handler."""
+    if (msg.metadata.message_type != MessageType.TRAIN
+            or RECORD_KEY_CONFIGS not in msg.content.config_records):
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, functools.partial(_train_update, call_next))
+
+
+def _train_update(call_next, msg: Message, context: Context) -> Message:
+    """secaggplus_mod's fit step: the legacy FitIns in, our train handler run on it, the
+    update theta_k - global out as a legacy FitRes (what secaggplus_mod quantises)."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = str(fitins.config["array-names"]).split(",")
+    incoming = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    msg.content = RecordDict({
+        "arrays": ArrayRecord({n: Array(np.ascontiguousarray(v)) for n, v in incoming.items()}),
+        "config": ConfigRecord({
+            "server-round": int(fitins.config["server-round"]),
+            "client-sites": [int(s) for s in str(fitins.config["client-sites"]).split(",")]})})
+    reply = call_next(msg, context)
+    content = reply.content
+    weights = {name: array.numpy() for name, array in content["arrays"].items()}
+    metrics = dict(content["metrics"])
+    update = [np.asarray(weights[n], np.float64) - incoming[n] for n in names]
+    num_examples = int(metrics["num-examples"])
+    if not all(np.isfinite(u).all() for u in update):
+        # The server cannot see (and leave out) this update: it counts for nothing instead.
+        log(WARNING, "SecAgg+: the update is not finite; it is sent as zero with weight 0")
+        update = [np.zeros_like(u) for u in update]
+        num_examples = 0
+    state = context.state.config_records[RECORD_KEY_STATE]
+    limit = float(state["clipping_range"]) * float(state["max_weight"]) / max(num_examples, 1)
+    clipped = int(sum(int(np.sum(np.abs(u) > limit)) for u in update))
+    if clipped:
+        log(WARNING, "SecAgg+: %d update values exceed secagg-range %g (at this site's "
+            "weight) and are clipped; raise secagg-range", clipped, float(state["clipping_range"]))
+    metrics["secagg-clipped"] = clipped
+    metrics["num-examples"] = num_examples
+    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(
+        [u.astype(np.float32) for u in update]), num_examples=num_examples, metrics=metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+# --- the server -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SecureOutcome:
+    """One SecAgg+ round: the weighted mean of the updates ({name: array}, None when the
+    protocol halted), each finishing site's metrics, the nodes that dropped out."""
+
+    mean_update: dict[str, np.ndarray] | None
+    metrics: dict[int, dict]
+    dropped: list[int]
+
+
+class _RoundStrategy(Strategy):
+    """The two Strategy calls SecAggPlusWorkflow makes: configure_fit (our instructions,
+    per node) and aggregate_fit (the unmasked weighted mean of the updates)."""
+
+    def __init__(self, grid, instructions: dict[int, FitIns]):
+        self.grid, self.instructions = grid, instructions
+        self.results: list = []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(GridClientProxy(node, self.grid, run_id=0), fitins)
+                for node, fitins in self.instructions.items()]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = results
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def secure_round(grid, nodes: list[int], global_arrays: dict[str, np.ndarray],
+                 config: dict, *, max_weight: float, secagg_range: float, threshold: float,
+                 timeout: float) -> SecureOutcome:
+    """One round of SecAgg+ with these nodes: they train from global_arrays and the server
+    learns only the weighted mean of their updates (module docstring).
+
+    config: the train instructions (server-round, client-sites); max_weight: the largest
+    site weight (sample count); threshold: the share of a site's neighbours that must
+    answer for its masks to be removed (flwr's reconstruction_threshold)."""
+    names = sorted(global_arrays)
+    parameters = ndarrays_to_parameters([np.asarray(global_arrays[n]) for n in names])
+    fit_config = {"server-round": int(config["server-round"]),
+                  "client-sites": ",".join(str(s) for s in config["client-sites"]),
+                  "array-names": ",".join(names)}
+    strategy = _RoundStrategy(grid, {node: FitIns(parameters, dict(fit_config))
+                                     for node in nodes})
+    state = RecordDict()
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: int(config["server-round"])})
+    state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True)
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state,
+                                    run_config={}), strategy=strategy)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=float(threshold),
+                                  max_weight=float(max_weight),
+                                  clipping_range=float(secagg_range),
+                                  quantization_range=QUANTIZATION_RANGE,
+                                  modulus_range=MODULUS_RANGE, timeout=timeout)
+    workflow(grid, context)
+    metrics = {proxy.node_id: {**fitres.metrics, "num-examples": fitres.num_examples}
+               for proxy, fitres in strategy.results}
+    dropped = [node for node in nodes if node not in metrics]
+    mean = None
+    if strategy.mean is not None:
+        if sum(m["num-examples"] for m in metrics.values()) == 0:
+            mean = None   # every finishing site sent a zero-weight update
+        else:
+            mean = dict(zip(names, strategy.mean, strict=True))
+    return SecureOutcome(mean, metrics, dropped)
