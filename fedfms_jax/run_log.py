@@ -4,7 +4,9 @@ TensorBoard events, and the final summary table. Side effects live here, not in 
 Records:
     {"kind": "round", "round": r, "loss": {site: f}, "steps": {site: n},
      "bytes_up_per_client": n, "bytes_down_per_client": n, "bytes_total": n,
-     "bytes_cumulative": n, "seconds": f, "wall_time": f}
+     "bytes_cumulative": n, "seconds": f, "wall_time": f,
+     with privacy.clip_norm > 0 also "epsilon": f | null (cumulative; null: no noise),
+     "delta": f, "noise_std": f, "update_norm": {site: f} (before clipping)}
     {"kind": "eval", "round": r, "split": "val" | "test",
      "sites": {site: {"dice": f, "iou": f, "hd95": f, "nsd": f, "cases": n, "images": n,
                       "missed": n, "spurious": n, "both_empty": n,

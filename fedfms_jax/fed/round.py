@@ -22,7 +22,9 @@ A round is four jitted pure functions of that state, each donating the state it 
     finish_local(state)                                  a client whose weights went non-finite
                                                          restarts its optimizer
     end_round(state, num_samples)                        aggregation (aggregate.aggregate:
-                                                         FedAvg and the server optimizer)
+                                                         FedAvg, or DP-FedAvg with the noise
+                                                         of the state's key and round, and
+                                                         the server optimizer)
 
 `local_round` is the host side of one round's local work, shared by the simulator (K
 clients) and a Flower site (a Federation of its one client, `client_ids=(k,)`, so it draws

@@ -40,7 +40,8 @@ from fedfms_jax.config import ConfigError, validate
 from fedfms_jax.flower import bundle, certs
 from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_signals,
                                          free_port, tail, wait_for_port)
-from fedfms_jax.flower.settings import FAILURE_POLICIES, RunSettings, config_to_json
+from fedfms_jax.flower.settings import (FAILURE_POLICIES, RunSettings, check_secagg,
+                                        config_to_json)
 from fedfms_jax.flower.site import site_names
 
 HOST = "127.0.0.1"
@@ -63,6 +64,14 @@ _ON_SITE_FAILURE = flags.DEFINE_enum("on_site_failure", "fail", FAILURE_POLICIES
                                      "the round continues with the remaining sites")
 _MIN_SITES = flags.DEFINE_integer("min_sites", 1, "with --on_site_failure=continue: fewest "
                                   "sites whose updates a round may average")
+_SECAGG = flags.DEFINE_bool("secagg", False, "secure aggregation: every round runs SecAgg+, "
+                            "the server seeing only the sum of the sites' updates")
+_SECAGG_RANGE = flags.DEFINE_float("secagg_range", 1.0, "with --secagg: each update value "
+                                   "(times its site's weight / the largest) is clipped to "
+                                   "[-R, R] and quantised on a grid of 2R / 2^22")
+_SECAGG_THRESHOLD = flags.DEFINE_float("secagg_threshold", 0.67, "with --secagg: the share "
+                                       "of a site's neighbours that must answer for its "
+                                       "masks to be removed (dropouts tolerated below it)")
 _WRITE_APP = flags.DEFINE_string("write_app", None, "only write the Flower app directory here")
 _QUIET = flags.DEFINE_bool("quiet", False, "print only the summary")
 
@@ -177,6 +186,10 @@ def format_record(record: dict) -> str:
         losses = [v for v in record["loss"].values() if v is not None]
         if losses:
             parts.append(f"loss {sum(losses) / len(losses):.4f}")
+        if record.get("epsilon") is not None:
+            parts.append(f"epsilon {record['epsilon']:.3f}")
+        if record.get("secagg"):
+            parts[4] = "up: SecAgg+ masked"
         if record.get("excluded"):
             parts.append(f"non-finite: {record['excluded']}")
         if record.get("failed"):
@@ -211,8 +224,9 @@ class DeploymentError(RuntimeError):
 def deploy(config, num_sites: int, workdir: Path, *, tls: bool = False,
            timeout: float | None = None, round_timeout: float = 1800.0,
            connect_timeout: float = 300.0, on_site_failure: str = "fail", min_sites: int = 1,
-           quiet: bool = False) -> dict:
+           quiet: bool = False, secure: dict | None = None) -> dict:
     """Runs the federation to the end; returns the server's final metrics record.
+    secure: RunSettings' secagg, secagg_range, secagg_threshold (default: no SecAgg).
     Raises DeploymentError (or TimeoutError) with the reason and the log to read."""
     workdir = workdir.resolve()
     base = workdir / "flower"
@@ -222,7 +236,7 @@ def deploy(config, num_sites: int, workdir: Path, *, tls: bool = False,
     settings = RunSettings(
         config_json=config_to_json(config), num_sites=num_sites, workdir=str(workdir),
         connect_timeout=connect_timeout, round_timeout=round_timeout,
-        on_site_failure=on_site_failure, min_sites=min_sites)
+        on_site_failure=on_site_failure, min_sites=min_sites, **(secure or {}))
     if timeout is None:
         timeout = connect_timeout + int(config.rounds) * round_timeout + 120
     bundle.write_app(base / "app", settings)
@@ -287,6 +301,12 @@ def deploy(config, num_sites: int, workdir: Path, *, tls: bool = False,
     return summary
 
 
+def secure_settings() -> dict:
+    """The SecAgg+ fields of RunSettings from the flags."""
+    return {"secagg": int(_SECAGG.value), "secagg_range": _SECAGG_RANGE.value,
+            "secagg_threshold": _SECAGG_THRESHOLD.value}
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -298,11 +318,12 @@ def main(argv) -> None:
         # data is not: the sites check their own.
         here = not _WRITE_APP.value
         validate(config, data_here=here, weights_here=here, federated=True)
+        check_secagg(config, RunSettings(config_json="{}", num_sites=1, **secure_settings()))
         if here or _SITES.value is None:
             num_sites = site_count(config, _SITES.value)
         else:
             num_sites = _SITES.value
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
         if not here and _SITES.value is None:
             error = ConfigError(f"{error}\n(with --write_app where the data is not, give "
                                 "--sites: the number of sites that will connect)")
@@ -313,7 +334,8 @@ def main(argv) -> None:
             config_json=config_to_json(config), num_sites=num_sites,
             workdir=str(Path(_WORKDIR.value).resolve()) if _WORKDIR.value else "",
             connect_timeout=_CONNECT_TIMEOUT.value, round_timeout=_ROUND_TIMEOUT.value,
-            on_site_failure=_ON_SITE_FAILURE.value, min_sites=_MIN_SITES.value)
+            on_site_failure=_ON_SITE_FAILURE.value, min_sites=_MIN_SITES.value,
+            **secure_settings())
         print(f"wrote {bundle.write_app(_WRITE_APP.value, settings)}")
         return
     workdir = Path(_WORKDIR.value or time.strftime("runs/flower-%Y%m%d-%H%M%S"))
@@ -323,7 +345,7 @@ def main(argv) -> None:
                          round_timeout=_ROUND_TIMEOUT.value,
                          connect_timeout=_CONNECT_TIMEOUT.value,
                          on_site_failure=_ON_SITE_FAILURE.value, min_sites=_MIN_SITES.value,
-                         quiet=_QUIET.value)
+                         quiet=_QUIET.value, secure=secure_settings())
     except KeyboardInterrupt:
         print("interrupted; every process of the federation was stopped", file=sys.stderr)
         sys.exit(130)

@@ -6,7 +6,10 @@
                get the global trainable weights; the replies are aggregated by the
                simulator's own code (fed.aggregate.aggregate: FedAvg weighted by
                'num-examples', then the config's server optimizer: none, fedavgm or
-               fedadam), so one config is one algorithm wherever it runs
+               fedadam; with privacy.* DP-FedAvg: each site's update clipped here and the
+               simulator's noise added), so one config is one algorithm wherever it runs;
+               with secagg, the round is SecAgg+ (flower/secagg.py) and the server learns
+               only the weighted mean of the sites' updates
     evaluate   every eval.every rounds and after the last: each source site scores the
                global weights on its validation split, the unseen site on all its records
 Only the trainable subtree travels, as named arrays; every message's size is logged. The
@@ -38,7 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedfms_jax.build import build_model, preprocessing_for
 from fedfms_jax.compilation_cache import enable_compilation_cache
-from fedfms_jax.config import ConfigError, fed_config, validate
+from fedfms_jax.config import fed_config, validate
 from fedfms_jax.experiment import SiteScores, eval_record
 from fedfms_jax.fed import aggregate
 from fedfms_jax.fed.accounting import accountant_for, budget_message
@@ -46,7 +49,7 @@ from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
 from fedfms_jax.flower import arrays, secagg
 from fedfms_jax.flower.exchange import Outcome, exchange
-from fedfms_jax.flower.settings import RunSettings
+from fedfms_jax.flower.settings import RunSettings, check_secagg
 from fedfms_jax.run_log import RunLog, save_final
 
 app = ServerApp()
@@ -66,14 +69,6 @@ class SiteInfo:
 
     def __str__(self) -> str:
         return f"site {self.index} ({self.name}, node {self.node})"
-
-
-def check_secagg(config, settings: RunSettings) -> None:
-    """SecAgg+ gives the server only the sum of the updates: nothing it could clip."""
-    if settings.secagg and (config.privacy.clip_norm > 0 or config.privacy.noise_multiplier > 0):
-        raise ConfigError("privacy.clip_norm / privacy.noise_multiplier clip and noise each "
-                          "site's update on the server, which SecAgg+ (--secagg) makes "
-                          "impossible: the server sees only their sum. Run one or the other")
 
 
 class Server:

@@ -85,6 +85,17 @@ class RunSettings:
         return cls(**values)
 
 
+def check_secagg(config: ml_collections.ConfigDict, settings: RunSettings) -> None:
+    """SecAgg+ gives the server only the sum of the updates: nothing it could clip."""
+    from fedfms_jax.config import ConfigError
+
+    privacy = config.privacy
+    if settings.secagg and (privacy.clip_norm > 0 or privacy.noise_multiplier > 0):
+        raise ConfigError("privacy.clip_norm / privacy.noise_multiplier clip and noise each "
+                          "site's update on the server, which SecAgg+ (--secagg) makes "
+                          "impossible: the server sees only their sum. Run one or the other")
+
+
 def _cast(field: dataclasses.Field, value: Any) -> Any:
     kind = {"str": str, "int": int, "float": float}[field.type]
     return kind(value)

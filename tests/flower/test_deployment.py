@@ -218,3 +218,23 @@ def test_ctrl_c_stops_every_process(tmp_path, launch):
     assert run.wait(timeout=60) == 130
     assert "interrupted" in run.output
     assert run.leftovers() == []
+
+
+@pytest.mark.slow  # SecAgg+ is in make test in-process (test_secagg.py)
+def test_secagg_on_loopback_ends_near_the_simulator(tmp_path, launch):
+    """`--secagg`: 2 real sites x 2 rounds of SecAgg+ (four stages a round, a ClientApp
+    process per message); the server sees masked vectors only and ends within the
+    quantisation error (grown through one more round of training) of the simulator."""
+    run = launch(tmp_path / "run", "--config", TINY_CONFIG, "--sites", "2", "--secagg",
+                 "--secagg_range", "0.1", "--round_timeout", "400",
+                 "--connect_timeout", "200", *TWO_SITES)
+    assert run.wait(timeout=900) == 0, run.output
+    assert "up: SecAgg+ masked" in run.output and "done: 2 rounds" in run.output
+    assert run.leftovers() == []
+    rounds = read_records(tmp_path / "run", "round")
+    assert [r["secagg"] for r in rounds] == [True, True]
+    assert all(v == 0 for r in rounds for v in r["secagg_clipped"].values())
+    config = tiny_config(**{"data.options.num_sites": 2, "data.unseen_site": ""})
+    expected, _ = simulate(config)
+    _, final = read_weights(tmp_path / "run/final.safetensors")
+    assert_close_to_simulator(final, expected, config)

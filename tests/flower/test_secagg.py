@@ -7,6 +7,10 @@ is compiled but the server step; `flower.local --secagg` runs the real ClientApp
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -22,6 +26,7 @@ from tests.flower.test_server_app import (FakeGrid, FakeSite, reuse_model,  # no
                                           serverapp_identity, tiny_model, trainable)
 
 RANGE = 0.5
+REPO = Path(__file__).resolve().parents[2]
 
 
 class SecureGrid(FakeGrid):
@@ -135,3 +140,14 @@ def test_a_site_dropping_after_key_sharing_is_handled_within_the_threshold(tmp_p
 def test_server_side_dp_is_refused_under_secagg(tmp_path):
     with pytest.raises(ConfigError, match="SecAgg"):
         secure_server(SecureGrid([]), tmp_path, 2, **{"privacy.clip_norm": 0.1})
+
+
+def test_the_launcher_refuses_secagg_with_server_side_dp_before_starting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fedfms_jax.flower.local", "--config", "configs/demo.py",
+         "--sites", "4", "--secagg", "--workdir", str(tmp_path / "run"),
+         "--config.privacy.clip_norm=0.1"], capture_output=True, text=True, timeout=120,
+        cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "which SecAgg+ (--secagg) makes impossible" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "run").exists()
