@@ -394,8 +394,12 @@ def trajectory(config) -> dict[str, Any]:
 
 
 def resume_conflicts(saved: Mapping[str, Any], config) -> list[str]:
-    """'key: checkpoint X, this run Y' for every trajectory key that differs."""
+    """'key: checkpoint X, this run Y' for every trajectory key that differs. A key the
+    checkpoint does not know (added to the schema after it was written, e.g. privacy.*)
+    is no conflict while this run leaves it at its default: the checkpoint's run had it."""
     ours = trajectory(config)
+    defaults = trajectory(base_config())
     keys = sorted(set(saved) | set(ours))
     return [f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}" for k in keys
-            if saved.get(k) != ours.get(k)]
+            if saved.get(k) != ours.get(k)
+            and not (k not in saved and k in defaults and ours.get(k) == defaults[k])]

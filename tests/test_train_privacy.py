@@ -69,3 +69,14 @@ def test_privacy_needs_an_aggregation():
     with pytest.raises(ConfigError, match="privacy.clip_norm and privacy.noise_multiplier "
                                           "apply to a federation's aggregation"):
         validate(config)
+
+
+def test_a_checkpoint_from_before_privacy_resumes_only_without_it():
+    """Runs checkpointed before the privacy keys existed resume at their defaults (their
+    trajectory had no DP); asking for DP on resume changes the trajectory: refused."""
+    from fedfms_jax.config import resume_conflicts, trajectory
+    old = {k: v for k, v in trajectory(private_config()).items()
+           if not k.startswith("privacy.")}
+    assert resume_conflicts(old, private_config()) == []
+    assert resume_conflicts(old, private_config(clip_norm=0.1)) == [
+        "privacy.clip_norm: checkpoint None, this run 0.1"]

@@ -22,9 +22,9 @@ SecAgg+ handles it: while at least `threshold` of its neighbours answer, the oth
 rebuild its pairwise masks and the round averages the sites that finished.
 
 Quantisation error: each value is rounded to a grid of step 2R / 2^22 (stochastic
-rounding, unbiased), so the mean update differs from FedAvg's by at most
-K * 2R / 2^22 / sum_k (n_k / max_j n_j) <= K * 2R / 2^22 per value (K sites; 1.4e-6 for
-K = 3 and R = 1), plus the weights' own rounding (relative 2^-22). A value with
+rounding, unbiased, less than one step), and each weight n_k / max n to one of 2^-22, so
+the mean update differs from FedAvg's by at most 3 K R / 2^22 / sum_k (n_k / max_j n_j)
+<= 3 K R / 2^22 per value (K sites; 2.1e-6 for K = 3 and R = 1). A value with
 |update * n_k / max n| > R is clipped: each site counts and logs those ('secagg-clipped').
 
 Not available under SecAgg: the server's per-site checks (a non-finite update is replaced
@@ -64,10 +64,9 @@ MODULUS_RANGE = 2**32
 
 def quantisation_bound(num_sites: int, secagg_range: float) -> float:
     """The largest difference per value between the SecAgg+ mean update and FedAvg's
-    (module docstring), for weights all at the maximum: K * 2R / 2^22 plus the weights'
-    rounding."""
-    return num_sites * 2 * secagg_range / QUANTIZATION_RANGE * (1 + 1e-6) + \
-        secagg_range / QUANTIZATION_RANGE
+    (module docstring): K * 2R / 2^22 from the values' rounding plus K * R / 2^22 from the
+    weights', for weights all at the maximum (smaller weights divide it by their sum)."""
+    return 3 * num_sites * secagg_range / QUANTIZATION_RANGE
 
 
 # --- the site ---------------------------------------------------------------------------

@@ -271,6 +271,10 @@ class Server:
         the sites' updates and nothing of any one of them; a site dropping after the key
         sharing is handled by the protocol within its threshold, then by the failure policy."""
         by_node = {s.node: s for s in taking_part}
+        if len(by_node) < 2:
+            self.fail(done, f"round {done}: SecAgg+ needs at least 2 sites in a round, "
+                            f"{len(by_node)} take part (train.client_fraction, lost: "
+                            f"{self.lost or 'none'})")
         outcome = secagg.secure_round(
             self.grid, list(by_node), arrays.arrays_of(self.global_arrays),
             {"server-round": done, "client-sites": client_sites},

@@ -99,7 +99,7 @@ def test_secagg_is_fedavg_within_the_quantisation_error(tmp_path):
     server = secure_server(SecureGrid(secure_sites), tmp_path / "secure", 3, rounds=2)
     before = trainable(server)
     server.run()
-    # Per value and round: 3 sites x 2R / 2^22 (0.36e-6), twice, plus float32 rounding.
+    # Per value and round: 3 K R / 2^22 (1.1e-6 at R = 0.5), twice, plus float32 rounding.
     bound = 2 * secagg.quantisation_bound(3, RANGE)
     expected, got = trainable(plain), trainable(server)
     moved = max(float(np.max(np.abs(expected[k] - before[k]))) for k in expected)
