@@ -56,6 +56,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from fedfms_jax.flower.exchange import exchange
 
 # flwr's SecAggPlusWorkflow defaults: integers in [0, 2^22), masks modulo 2^32.
 QUANTIZATION_RANGE = 2**22
@@ -124,7 +125,27 @@ class SecureOutcome:
 
     mean_update: dict[str, np.ndarray] | None
     metrics: dict[int, dict]
-    dropped: list[int]
+    dropped: dict[int, str]   # node -> why
+
+
+class _ExchangeGrid:
+    """The grid the workflow is given: its blocking send_and_receive is our `exchange`
+    (replies polled every half second, not flwr's three, which SecAgg+'s four exchanges a
+    round would pay four times; a message the SuperLink did not take, or an error reply,
+    recorded per node instead of vanishing)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        self.failed: dict[int, str] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        outcome = exchange(self.grid, messages, timeout if timeout is not None else 3600.0)
+        for node, why in outcome.failed.items():
+            self.failed.setdefault(node, why)
+        return list(outcome.replies.values())
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
 
 
 class _RoundStrategy(Strategy):
@@ -182,6 +203,7 @@ def secure_round(grid, nodes: list[int], global_arrays: dict[str, np.ndarray],
         Parameters(tensors=[], tensor_type="numpy.ndarray"), keep_input=True)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state,
                                     run_config={}), strategy=strategy)
+    grid = _ExchangeGrid(grid)
     workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=float(threshold),
                                   max_weight=float(max_weight),
                                   clipping_range=float(secagg_range),
@@ -190,7 +212,8 @@ def secure_round(grid, nodes: list[int], global_arrays: dict[str, np.ndarray],
     workflow(grid, context)
     metrics = {proxy.node_id: {**fitres.metrics, "num-examples": fitres.num_examples}
                for proxy, fitres in strategy.results}
-    dropped = [node for node in nodes if node not in metrics]
+    dropped = {node: grid.failed.get(node, "no reply") for node in nodes
+               if node not in metrics}
     mean = None
     if strategy.mean is not None:
         if sum(m["num-examples"] for m in metrics.values()) == 0:

@@ -281,7 +281,8 @@ class Server:
             max_weight=float(max(s.num_train for s in clients)),
             secagg_range=self.settings.secagg_range, threshold=self.settings.secagg_threshold,
             timeout=self.settings.round_timeout)
-        failed = {node: "dropped out of the SecAgg+ round" for node in outcome.dropped}
+        failed = {node: f"dropped out of the SecAgg+ round ({why})"
+                  for node, why in outcome.dropped.items()}
         if failed:
             if self.settings.on_site_failure == "fail":
                 self.fail(done, f"round {done}: " + "; ".join(

@@ -22,11 +22,21 @@ from fedfms_jax.flower.server_app import Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
 from fedfms_jax.run_log import read_records
 from tests.flower.test_deployment import tiny_config
+from fedfms_jax.fed.partition import config_for_mode
+from fedfms_jax.models import get_config
+from tests.fast_build import random_sam
 from tests.flower.test_server_app import (FakeGrid, FakeSite, reuse_model,  # noqa: F401
-                                          serverapp_identity, tiny_model, trainable)
+                                          serverapp_identity, trainable)
 
 RANGE = 0.5
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The server's model (test_server_app's reuse_model hands it out): random weights
+    set without eager initialisation, since no test here trains or predicts."""
+    return random_sam(config_for_mode(get_config("tiny"), "decoder"))
 
 
 class SecureGrid(FakeGrid):
