@@ -124,6 +124,8 @@ def test_a_private_round_is_the_clipped_fedavg_plus_the_rounds_noise(model):
     w = n / n.sum()
     np.testing.assert_allclose(result.update_norm, [0.1, 0.4, 2.0, 9.0], rtol=1e-4)
     assert result.noise_std == pytest.approx(0.8 * CLIP * 0.4, rel=1e-6)
+    # The run's key is key(seed): the one the Flower server derives its noise from.
+    np.testing.assert_array_equal(start.key, jax.random.key_data(jax.random.key(0)))
     noise = flat(aggregate.gaussian_noise(aggregate.noise_key(start.key, 3),
                                           start.global_params, jnp.float32(result.noise_std)))
     g, c, new = flat(start.global_params), flat(start.client_params), flat(state.global_params)
@@ -210,3 +212,21 @@ def test_the_accountant_names_the_sampling_it_accounts_for():
     assert "without replacement, 3 of 10" in some.sampling and "upper bound" in some.sampling
     # Conservative: sampling gets no amplification, so epsilon is that of every round.
     assert some.epsilon(5) == every.epsilon(5)
+
+
+def test_a_resumed_run_adds_the_uninterrupted_runs_noise(model, tmp_path):
+    """The noise comes from the checkpointed key and round: a state saved and restored into a
+    rebuilt federation aggregates, noise included, bit for bit as the original would."""
+    from fedfms_jax.fed.checkpoint import FedCheckpointer
+
+    fed = Federation(model, config(clip_norm=CLIP, noise_multiplier=0.8), 4)
+    state = _moved_state(fed, seed=3, round_index=5)
+    saver = FedCheckpointer(tmp_path, fed)
+    saver.save(state, wait=True)
+    saver.close()
+    n = np.array([4.0, 1.0, 2.0, 3.0], np.float32)
+    straight, _ = fed.end_round(state, n)
+    again = Federation(model, config(clip_norm=CLIP, noise_multiplier=0.8), 4)
+    restored = FedCheckpointer(tmp_path, again).restore(again.init()).state
+    resumed, _ = again.end_round(restored, n)
+    assert_trees_equal(snapshot(resumed.global_params), snapshot(straight.global_params))
