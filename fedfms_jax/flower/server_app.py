@@ -292,6 +292,10 @@ class Server:
                 self.lost[by_node[node].name] = f"round {done} training: {why}"
             log(WARNING, "round %d: %s", done, "; ".join(f"{by_node[n]} {why}"
                                                          for n, why in failed.items()))
+            if len(outcome.metrics) < self.settings.min_sites:
+                self.fail(done, f"round {done}: {len(outcome.metrics)} site(s) finished the "
+                                f"SecAgg+ round, fewer than min-sites="
+                                f"{self.settings.min_sites}; lost: {self.lost}")
         if outcome.mean_update is None:
             if not outcome.metrics:
                 self.fail(done, f"round {done}: SecAgg+ halted: fewer sites answered than its "
