@@ -2,8 +2,9 @@
 
     python -m bench.memory --framework jax|torch --clients K [--variant small ...]
 
-The process builds the federation (JAX: the engine, frozen weights held once and shared by
-the vmapped clients; PyTorch: FedFMS's K full model copies), runs one round to warm up
+The process builds the federation (JAX: the engine with train's default settings, i.e. the
+clients at once and the encoder's rematerialisation chosen to fit the free memory, frozen
+weights held once and shared by the vmapped clients; PyTorch: FedFMS's K full model copies), runs one round to warm up
 (JAX compiles; a persistent compilation cache shared with the parent makes that cheap), then
 resets the kernel's peak-RSS counter and runs one more round. It prints one JSON line:
 resident memory after the imports, before the measured round (weights, optimizer states and
@@ -37,9 +38,14 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
     if framework == "jax":
         torch_model, sam = w.build_models(config, env)
         del torch_model
-        federation = w.jax_federation(sam, mode, clients, steps)
-        del sam
         batches = {"image": images, "mask_low_res": targets}
+        # The default settings: train's choice of clients at once and remat (fed.fit).
+        federation = w.jax_federation(sam, mode, clients, steps,
+                                      {k: v[0, 0] for k, v in batches.items()})
+        layout = federation.layout
+        extra = {"remat": layout.remat, "clients_per_step": layout.clients_per_step,
+                 "compiled_need_mb": layout.need / 2**20}
+        del sam
         mask = [[True] * steps] * clients
         state = [federation.init()]
 
@@ -55,6 +61,7 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
 
         def run_round():
             fedfms.run_round(torch_batches, num_samples)
+        extra = {}
 
     run_round()
     before = rss_mb()
@@ -63,7 +70,7 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
     peak = peak_rss_mb()
     return {"framework": framework, "clients": clients, "baseline_mb": baseline,
             "before_round_mb": before, "peak_mb": peak,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **extra}
 
 
 def run_case(framework: str, clients: int, *, variant: str, mode: str, steps: int, batch: int,

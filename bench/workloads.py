@@ -224,13 +224,18 @@ def client_data(config: SamConfig, num_clients: int, steps: int, batch: int, see
             targets.reshape(*shape, *targets.shape[1:]), num_samples)
 
 
-def jax_federation(sam: Sam, mode: str, num_clients: int, steps: int):
-    """The engine's vmapped round (fedfms_jax.fed.round) for `steps` local steps."""
+def jax_federation(sam: Sam, mode: str, num_clients: int, steps: int, example_batch=None):
+    """The engine's vmapped round (fedfms_jax.fed.round) for `steps` local steps: all
+    clients at once, or, given one client's batch, the layout `train` would choose for it
+    (clients at once and rematerialisation that fit the free memory, fed.fit)."""
     from fedfms_jax.fed.round import FedConfig, Federation
 
     config = FedConfig(mode=mode, local_steps=steps, local_epochs=None,
                        learning_rate=ref.LEARNING_RATE, pos_weight=ref.POS_WEIGHT)
-    return Federation(sam, config, num_clients)
+    if example_batch is None:
+        return Federation(sam, config, num_clients)
+    return Federation.fitted(sam, config, num_clients, example_batch=example_batch,
+                             steps=[steps] * num_clients, segment=steps)
 
 
 def fed_round(variant: str, mode: str, num_clients: int, steps: int, batch: int,

@@ -5,6 +5,7 @@ has checked the config before any of these is called.
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 import ml_collections
@@ -14,12 +15,14 @@ from fedfms_jax.config import ALGORITHMS, ConfigError, fed_config, label_map
 from fedfms_jax.data import load_sites
 from fedfms_jax.data.preprocessing import DEFAULT_PERCENTILES, Preprocessing
 from fedfms_jax.data.records import DEFAULT_KEEP_EMPTY, Site, keep_empty_slices
-from fedfms_jax.fed.clients import ClientPlan, plan_clients
+from fedfms_jax.fed.clients import ClientPlan, client_steps, plan_clients
 from fedfms_jax.fed.partition import config_for_mode
 from fedfms_jax.fed.round import Federation
 from fedfms_jax.models import Sam, get_config
 from fedfms_jax.models.sam import extend
 from fedfms_jax.weights_file import load_sam
+
+log = logging.getLogger(__name__)
 
 
 def build_model(config: ml_collections.ConfigDict) -> Sam:
@@ -41,7 +44,7 @@ def build_model(config: ml_collections.ConfigDict) -> Sam:
             target = target.replace(lora_rank=m.lora_rank)
         target = config_for_mode(target, config.mode)
         model = base if target == base.config else extend(base, target, rngs=rngs)
-    model.set_remat(m.remat)
+    model.set_remat("off" if m.remat == "auto" else m.remat)  # auto: see federation()
     return model
 
 
@@ -97,10 +100,28 @@ def plan(config: ml_collections.ConfigDict, site_samples: dict[str, int]) -> Cli
 
 
 def federation(config: ml_collections.ConfigDict, model: Sam, client_plan: ClientPlan, *,
-               mesh=None, client_ids=None) -> Federation:
-    """The engine for the config's clients (client_ids: see Federation)."""
-    return Federation(model, fed_config(config), len(client_plan.names), mesh=mesh,
-                      client_names=client_plan.names, client_ids=client_ids)
+               mesh=None, client_ids=None, example_batch=None) -> Federation:
+    """The engine for the config's clients (client_ids: see Federation).
+
+    With `example_batch` (one client's training batch, [B, ...] fields) the clients trained
+    at once (train.clients_per_step=0) and the encoder's rematerialisation (model.remat=auto)
+    are chosen so that a segment of local steps fits in the memory free now (fed.fit); the
+    choice is logged and kept in `federation.layout`. Without it (evaluation only) nothing is
+    compiled: all clients at once, no rematerialisation."""
+    fed = fed_config(config)
+    names, remat = client_plan.names, config.model.remat
+    if example_batch is None:
+        model.set_remat("off" if remat == "auto" else remat)
+        return Federation(model, fed, len(names), mesh=mesh, client_names=names,
+                          client_ids=client_ids)
+    steps = client_steps(client_plan.num_samples, config.data.batch_size,
+                         local_steps=fed.local_steps, local_epochs=fed.local_epochs)
+    federation = Federation.fitted(model, fed, len(names), example_batch=example_batch,
+                                   steps=steps, segment=config.train.steps_per_segment,
+                                   remat=remat, mesh=mesh, client_names=names,
+                                   client_ids=client_ids)
+    log.info("%s", federation.layout.describe())
+    return federation
 
 
 def image_size(config: ml_collections.ConfigDict, model: Sam) -> int:

@@ -52,7 +52,7 @@ NAMES: dict[str, tuple[str, ...]] = {
     "model.variant": tuple(VARIANTS),
     "model.dtype": ("float32", "bfloat16"),
     "model.adapter_init": ("torch_default", "zero"),
-    "model.remat": REMAT_MODES,
+    "model.remat": ("auto", *REMAT_MODES),
     "train.embedding_cache": CACHE_MODES,
     "data.layout": LAYOUTS,
     "data.normalise": ("unit", "sam"),
@@ -86,9 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.adapter_init = "torch_default"  # torch_default (upstream) | zero
     c.model.lora_rank = 4
     c.model.lora_alpha = 4.0
-    # Rematerialise the image encoder's blocks in the backward: off | blocks | full. ViT-B at
-    # 1024, one FedMSA image, compiled XLA temp on CPU: 14.0 GB off, 5.7 GB blocks, 4.2 GB full.
-    c.model.remat = "off"
+    # Rematerialise the image encoder's blocks in the backward: off | blocks | full, or auto
+    # (the least recomputation that fits, see fed.fit). ViT-B at 1024, one FedMSA image,
+    # compiled XLA temp on CPU: 14.0 GB off, 5.7 GB blocks, 4.2 GB full.
+    c.model.remat = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.layout = "fedfms"   # fedfms | folders | volumes (alias nifti) | synthetic
@@ -131,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
     # server_eps 1e-3.
     for name in SERVER_HYPERPARAMETERS:
         c.train[name] = placeholder(float)
-    c.train.clients_per_step = 0  # 0: all clients at once; else chunks of this many
+    c.train.clients_per_step = 0  # 0: as many as fit (fed.fit); else chunks of this many
     c.train.steps_per_segment = 16  # local steps streamed through memory at a time
     # decoder mode: each training image's embedding by the frozen encoder, computed once:
     # auto (in memory up to a quarter of RAM, else on disk) | memory | disk | off. Never

@@ -64,7 +64,7 @@ def evaluate_run(workdir: str | Path, splits: tuple[str, ...] = ("val", "test"),
         if split not in ("val", "test"):
             raise RunError(f"split must be 'val' or 'test', got {split!r}")
     config = run_config(workdir)
-    experiment = Experiment(config)
+    experiment = Experiment(config, train=False)
     unseen = experiment.plan.unseen_sites
     if not unseen:
         if tuple(splits) == ("test",):

@@ -39,7 +39,7 @@ class Experiment:
 
     The config is validated first (ConfigError before any data is read)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
+    def __init__(self, config: ml_collections.ConfigDict, *, mesh=None, train: bool = True):
         validate(config)
         self.config = config
         self.sites = build.load_data(config)
@@ -48,15 +48,20 @@ class Experiment:
         self.model_config = model.config
         self.image_size = build.image_size(config, model)
         self.plan = build.plan(config, {name: site.num_train for name, site in self.sites.items()})
-        self.federation = build.federation(config, model, self.plan, mesh=mesh)
-        self.total_params = num_params(nnx.state(model, nnx.Param))
-        self.trainable_params = num_params(self.federation.initial_params)
         self.client_records = [[r for s in group for r in self.sites[s].train]
                                for group in self.plan.sites]
-        self.steps = self.federation.client_steps(self.plan.num_samples, config.data.batch_size)
+        self.federation = build.federation(config, model, self.plan, mesh=mesh)
         self.embedding_cache, self.embedding_note = self._embedding_cache()
         self.streams = ClientStreams(config, self.client_records, self.federation.client_ids,
                                      self._pipeline_options(), cache=self.embedding_cache)
+        if train:
+            # Fitted to the free memory: clients at once and remat chosen from a compile of
+            # the local steps on a batch like the streams' (the first round reuses it).
+            self.federation = build.federation(config, model, self.plan, mesh=mesh,
+                                               example_batch=self.streams.example_batch())
+        self.total_params = num_params(nnx.state(model, nnx.Param))
+        self.trainable_params = num_params(self.federation.initial_params)
+        self.steps = self.federation.client_steps(self.plan.num_samples, config.data.batch_size)
         self._predict = _make_predict(self.federation.graphdef)
         self.preprocessing = build.preprocessing_for(config, model.config)
         self.eval_settings = EvalSettings.from_config(config.eval)
@@ -176,7 +181,8 @@ class Experiment:
         note = f"\n{self.embedding_note}" if self.embedding_note else ""
         return (f"{self.config.algorithm} / {self.config.mode}: {self.model_config.variant} "
                 f"{self.total_params:,} parameters, {self.trainable_params:,} trainable; "
-                f"clients: {clients}{unseen}{note}")
+                f"clients: {clients}{unseen}{note}"
+                + (f"\n{self.federation.layout.describe()}" if self.federation.layout else ""))
 
 
 def client_params(state: FedState, client: int) -> nnx.State:

@@ -50,20 +50,34 @@ class ClientStreams:
         self.cache = cache
         self.batch_size = options["batch_size"]
         image_output = "pixels" if cache is None else "none"
-        self.iterators = [
-            iter(make_pipeline(records, **options, seed=stream_seed(config.seed, int(k)),
-                               shuffle=True, augment=config.data.augment, drop_remainder=False,
-                               num_epochs=None, num_threads=config.data.num_threads,
-                               image_output=image_output))
-            for k, records in zip(client_ids, client_records)]
+        self._pipeline = lambda records, seed: make_pipeline(
+            records, **options, seed=seed, shuffle=True, augment=config.data.augment,
+            drop_remainder=False, num_epochs=None, num_threads=config.data.num_threads,
+            image_output=image_output)
+        self.iterators = [iter(self._pipeline(records, stream_seed(config.seed, int(k))))
+                          for k, records in zip(client_ids, client_records)]
+        self._records = [list(records) for records in client_records]
         self._template = None
 
     def _batch(self, k: int) -> dict[str, np.ndarray]:
-        batch = next(self.iterators[k])
+        return self._fields(k, next(self.iterators[k]))
+
+    def _fields(self, k: int, batch: dict) -> dict[str, np.ndarray]:
+        """The fields the loss reads of client k's pipeline batch (decoder mode: with the
+        cached image embeddings)."""
         if self.cache is not None:
             batch = dict(batch, image_embeddings=self.cache.lookup(k, batch["record_index"],
                                                                    self.batch_size))
         return {f: batch[f] for f in TRAIN_FIELDS if f in batch}
+
+    def example_batch(self) -> dict[str, np.ndarray] | None:
+        """One training batch ([B, ...] fields, as `next_batches` stacks them) from a fresh
+        pipeline over a client's records, so the streams' positions are untouched: the
+        shapes the engine compiles for. None when no client has a record."""
+        k = next((k for k, records in enumerate(self._records) if records), None)
+        if k is None:
+            return None
+        return self._fields(k, next(iter(self._pipeline(self._records[k], 0))))
 
     def states(self) -> list:
         return [it.get_state() for it in self.iterators]

@@ -182,7 +182,7 @@ def _set(config, key, value):
     ("data.normalise", "imagenet", "data.normalise='imagenet' is not one of: unit, sam"),
     ("data.prompt", "boxes", "data.prompt='boxes' is not one of: none, box, points"),
     ("model.dtype", "float16", "model.dtype='float16' is not one of: float32, bfloat16"),
-    ("model.remat", "some", "model.remat='some' is not one of: off, blocks, full"),
+    ("model.remat", "some", "model.remat='some' is not one of: auto, off, blocks, full"),
     ("train.embedding_cache", "ram", "train.embedding_cache='ram' is not one of: auto, "
                                      "memory, disk, off"),
     ("eval.mode", "fast", "eval.mode='fast' is not one of: standard, fedfms"),

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedfms_jax.fed import aggregate, sharding
+from fedfms_jax.fed import aggregate, fit, sharding
 from fedfms_jax.fed.clients import (SETTINGS, Segment, client_steps, segment_plan,
                                     step_mask)
 from fedfms_jax.fed.comm import RoundComm, round_comm
@@ -395,6 +395,7 @@ class Federation:
             raise ValueError(f"{ids.size} client ids for {num_clients} clients")
         self.client_ids = ids.astype(np.int32)
         self.mesh = sharding.client_mesh() if mesh is None else mesh
+        self.layout: fit.Layout | None = None  # set by build.federation when it chose one
         self.num_padded, self.chunk = sharding.layout(num_clients, self.mesh.size,
                                                       config.clients_per_step)
         self.group_widths = sharding.group_widths(self.chunk, self.mesh.size)
@@ -411,6 +412,31 @@ class Federation:
         self._begin_round, self._finish_local, self._end_round = _round_edges_fn(
             config.local, config.server, config.privacy, config.setting,
             config.reset_optimizer, self.mesh, self.num_padded)
+
+    @classmethod
+    def fitted(cls, model: nnx.Module, config: FedConfig, num_clients: int, *,
+               example_batch: Mapping[str, np.ndarray], steps: Sequence[int], segment: int,
+               remat: str = "auto", mesh: jax.sharding.Mesh | None = None,
+               **kwargs) -> "Federation":
+        """A Federation whose clients at once (config.clients_per_step None: chosen) and
+        encoder rematerialisation (remat "auto": chosen; else as given, set on the model)
+        fit a round of steps[k] local steps per client, in segments of `segment`, on batches
+        like `example_batch` (one client's, [B, ...] fields) into the memory free now
+        (fed.fit; `compiled_memory`). The choice is `.layout`."""
+        mesh = sharding.client_mesh() if mesh is None else mesh
+
+        def make(mode: str, width: int) -> Federation:
+            model.set_remat(mode)
+            return cls(model, config.replace(clients_per_step=width), num_clients, mesh=mesh,
+                       **kwargs)
+
+        layout = fit.choose_layout(
+            lambda mode, width: make(mode, width).compiled_memory(example_batch, steps, segment),
+                                   num_clients, mesh.size, remat=remat,
+                                   clients_per_step=config.clients_per_step or 0)
+        federation = make(layout.remat, layout.clients_per_step)
+        federation.layout = layout
+        return federation
 
     # --- state -------------------------------------------------------------------------
 
@@ -442,6 +468,53 @@ class Federation:
                       global_params=state.global_params, server_opt_state=state.server_opt_state)
         return FedState(**sharding.place_clients(clients, self.mesh),
                         **sharding.place_replicated(shared, self.mesh))
+
+    def abstract_state(self) -> FedState:
+        """The shapes, dtypes and shardings of `init()`'s state, with nothing allocated."""
+        clients = sharding.client_sharding(self.mesh)
+        shared = sharding.replicated(self.mesh)
+        spec = lambda x, where, lead=(): jax.ShapeDtypeStruct(
+            (*lead, *np.shape(x)), x.dtype, sharding=where)
+        params = self.initial_params
+        opt_state = jax.eval_shape(self.config.local_optimizer().init, params)
+        server = jax.eval_shape(self.config.server.tx().init, params)
+        key = jax.random.key_data(jax.random.key(self.config.seed))
+        return FedState(
+            round=spec(np.int32(0), shared), local_step=spec(np.int32(0), shared),
+            key=spec(key, shared), global_params=jax.tree.map(lambda x: spec(x, shared), params),
+            client_params=jax.tree.map(lambda x: spec(x, clients, (self.num_padded,)), params),
+            client_opt_state=jax.tree.map(lambda x: spec(x, clients, (self.num_padded,)),
+                                          opt_state),
+            server_opt_state=jax.tree.map(lambda x: spec(x, shared), server))
+
+    def compiled_memory(self, example_batch: Mapping[str, np.ndarray], steps: Sequence[int],
+                        segment: int) -> fit.MemoryNeed:
+        """Compile the round's first planned call of the local steps (its widest group:
+        every client is still training) for batches like `example_batch` (one client's,
+        [B, ...] fields), clients taking steps[k] steps in segments of `segment`, and read
+        XLA's memory analysis. Nothing is allocated; the compiled code is cached, so the
+        first round does not compile it again."""
+        group = self.plan(steps, segment)[0]
+        width, length = group.width, group.length
+        clients = sharding.client_sharding(self.mesh)
+        spec = lambda shape, dtype, where=clients: jax.ShapeDtypeStruct(shape, dtype,
+                                                                       sharding=where)
+        batches = {k: spec((width, length, *np.shape(v)), np.asarray(v).dtype)
+                   for k, v in example_batch.items()}
+        whole = width == self.num_padded and group.clients == tuple(range(len(group.clients)))
+        rows = None if whole else spec((width,), np.int32, sharding.replicated(self.mesh))
+        compiled = self._local_steps.lower(
+            self.frozen, self.abstract_state(), batches, spec((width, length), np.bool_),
+            spec((width,), np.int32), rows, jax.ShapeDtypeStruct((), np.int32),
+            np.float32(self.config.prox_mu)).compile()
+        stats = compiled.memory_analysis()
+        # On the host: the stretch being trained and the next one, drawn ahead.
+        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
+            np.count_nonzero(np.asarray(steps) > 0))
+        return fit.MemoryNeed(
+            arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+            outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
+            resident=fit.frozen_bytes(self.frozen), host_batches=2 * stretch)
 
     def global_model(self, state: FedState) -> nnx.Module:
         """The global model (global trainable weights + the shared frozen weights)."""

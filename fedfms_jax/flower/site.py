@@ -106,7 +106,9 @@ class LocalSite:
 
     def __init__(self, config: ml_collections.ConfigDict, node_config: Mapping[str, Any]):
         self.config, self.index, self.name = site_config(config, node_config)
-        self.experiment = Experiment(self.config)  # validates, reads this site, builds the model
+        # Validates, reads this site, builds the model; train=False: the site's own one-client
+        # Federation (below) is what trains, fitted to this machine's memory.
+        self.experiment = Experiment(self.config, train=False)
         self.site = self.experiment.sites[self.name]
         self.like = self.experiment.federation.initial_params
         self.client_state: ClientState | None = None
@@ -117,11 +119,12 @@ class LocalSite:
 
     def _client(self, client: int) -> ClientState:
         if self.client_state is None:
-            federation = build.federation(self.config, self.experiment.model,
-                                          self.experiment.plan, client_ids=[client])
             options = pipeline_options(self.config, self.experiment.image_size,
                                        self.experiment.model_config.low_res_size)
             streams = ClientStreams(self.config, [self.site.train], [client], options)
+            federation = build.federation(self.config, self.experiment.model,
+                                          self.experiment.plan, client_ids=[client],
+                                          example_batch=streams.example_batch())
             self.client_state = ClientState(client, federation, streams)
         elif self.client_state.client != client:
             raise ConfigError(f"site {self.name} was client {self.client_state.client} of "

@@ -1,0 +1,168 @@
+"""How many clients train at once, and with which rematerialisation, so that a round fits.
+
+Before the first round the engine compiles its local steps for a candidate layout with
+abstract inputs (no data moves) and reads XLA's compiled memory analysis: the bytes a
+segment of local steps needs beyond what is already resident (the frozen weights, which the
+model holds anyway), i.e. the clients' state, the segment's batches (on the device and their
+host copy) and XLA's temporary buffers (the activations kept for the backward). It compares
+that with the memory the device has free now (an accelerator's allocator limit minus what is
+in use; on the CPU the host's available RAM) times `HEADROOM`.
+
+Candidates, best first: more clients at once (up to all of them), then less recomputation
+(`model.remat` off < blocks < full). The activations grow linearly with the clients trained
+at once, so after one compile per remat mode at full width the largest width that should
+fit is predicted and only that is compiled to confirm. Compiling the chosen layout fills
+JAX's compilation caches, so the first round does not compile it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+
+from fedfms_jax.models.image_encoder import REMAT_MODES
+
+log = logging.getLogger(__name__)
+
+# Fraction of the free memory a round may plan to use: the allocator's fragmentation, the
+# data pipeline and the host-side copies XLA's analysis does not see.
+HEADROOM = 0.85
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryNeed:
+    """Compiled memory of one segment of local steps, bytes."""
+
+    arguments: int    # the state, the batches and the frozen weights
+    temporaries: int  # XLA's temporary buffers (activations kept for the backward)
+    outputs: int      # what is not written in place of a donated input
+    resident: int     # of the arguments, what is held anyway (the frozen weights)
+    host_batches: int  # the segment's batches as numpy arrays on the host
+
+    @property
+    def total(self) -> int:
+        """Bytes the segment needs beyond what is already resident."""
+        return (self.arguments - self.resident + self.temporaries + self.outputs
+                + self.host_batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The chosen layout and why."""
+
+    remat: str
+    clients_per_step: int
+    num_clients: int
+    need: int         # bytes (MemoryNeed.total of the chosen layout)
+    available: int    # bytes free when chosen
+    chosen: bool      # False: both were fixed by the config, nothing was chosen
+
+    def describe(self) -> str:
+        how = "chosen from the compiled memory analysis" if self.chosen else "as configured"
+        return (f"memory: {self.clients_per_step} of {self.num_clients} client(s) at once, "
+                f"model.remat={self.remat} ({how}; a segment needs {self.need / GB:.1f} GB, "
+                f"{self.available / GB:.1f} GB free)")
+
+
+class DoesNotFit(RuntimeError):
+    """Not even one client at a time with full rematerialisation fits."""
+
+
+def available_memory(device: jax.Device | None = None) -> int:
+    """Bytes free on `device` (default: the first visible): an accelerator's allocator
+    limit minus its use; on the CPU the host's MemAvailable, or the cgroup's limit minus its
+    use when that is smaller."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    free = _meminfo_available()
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, usage = f.read().strip(), g.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            free = min(free, int(limit) - int(usage))
+    return free
+
+
+def _meminfo_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def candidate_widths(num_clients: int, num_devices: int) -> list[int]:
+    """Clients at once worth trying, widest first: multiples of the device count up to all
+    clients, each the narrowest width that needs that many chunks (so no width pads more)."""
+    widths = []
+    for chunks in range(1, num_clients + 1):
+        width = -(-num_clients // chunks)
+        width = -(-width // num_devices) * num_devices
+        if not widths or width < widths[-1]:
+            widths.append(width)
+    return widths
+
+
+def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
+                  num_devices: int, *, remat: str = "auto", clients_per_step: int = 0,
+                  available: int | None = None) -> Layout:
+    """The layout to run: `measure(remat, clients_per_step)` compiles one candidate and
+    returns its MemoryNeed. remat "auto" and clients_per_step 0 are chosen; a fixed value is
+    kept (and, when both are fixed, nothing is compiled here)."""
+    if remat != "auto" and clients_per_step:
+        return Layout(remat, min(clients_per_step, num_clients), num_clients, 0, 0, False)
+    free = available_memory() if available is None else available
+    budget = HEADROOM * free
+    modes = REMAT_MODES if remat == "auto" else (remat,)
+    widths = ([min(clients_per_step, num_clients)] if clients_per_step
+              else candidate_widths(num_clients, num_devices))
+    widest = widths[0]
+    needs = {}
+    for mode in modes:
+        needs[mode, widest] = measure(mode, widest)
+        if needs[mode, widest].total <= budget:
+            return _chosen(mode, widest, num_clients, needs[mode, widest], free)
+    # None fits at full width: the activations scale with the width, the rest does not.
+    tried = set(needs)
+    for width in widths[1:]:
+        for mode in modes:
+            full = needs[mode, widest]
+            predicted = full.total - full.temporaries * (1 - width / widest)
+            if predicted > budget or (mode, width) in tried:
+                continue
+            need = measure(mode, width)
+            tried.add((mode, width))
+            if need.total <= budget:
+                return _chosen(mode, width, num_clients, need, free)
+    smallest = min(needs.values(), key=lambda n: n.total)
+    raise DoesNotFit(
+        f"one round does not fit in memory: {free / GB:.1f} GB free, and even the leanest "
+        f"layout tried needs about {smallest.total / GB:.1f} GB at {widest} client(s) at "
+        f"once; lower data.batch_size or train.steps_per_segment, or use a smaller "
+        f"model.variant")
+
+
+def _chosen(remat: str, width: int, num_clients: int, need: MemoryNeed, free: int) -> Layout:
+    return Layout(remat, width, num_clients, need.total, free, True)
+
+
+def frozen_bytes(frozen) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(frozen))
+
+
+__all__ = ["HEADROOM", "DoesNotFit", "Layout", "MemoryNeed", "available_memory", "batch_spec",
+           "candidate_widths", "choose_layout"]

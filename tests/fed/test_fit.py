@@ -1,0 +1,116 @@
+"""Choosing how many clients train at once and the encoder's rematerialisation (fed.fit)."""
+
+from __future__ import annotations
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from fedfms_jax.fed import fit
+from fedfms_jax.fed.partition import num_bytes
+from tests.fed.helpers import BATCH, NUM_CLIENTS, config, round_batches, tiny_model
+
+GB = 10**9
+
+
+def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0):
+    """measure(remat, width) of a model whose activations cost per_client_temp[remat] GB per
+    client at once, on top of `fixed` GB; records the calls."""
+    calls = []
+
+    def measure(remat, width):
+        calls.append((remat, width))
+        return fit.MemoryNeed(arguments=int(fixed * GB), temporaries=int(
+            per_client_temp[remat] * width * GB), outputs=0, resident=0, host_batches=0)
+    return measure, calls
+
+
+TEMP = {"off": 14.0, "blocks": 5.7, "full": 4.2}  # ViT-B 1024 FedMSA, one image, compiled
+
+
+def test_all_clients_without_recomputation_when_they_fit():
+    measure, calls = fake_measure(TEMP)
+    layout = fit.choose_layout(measure, 2, 1, available=80 * GB)
+    assert (layout.remat, layout.clients_per_step, layout.chosen) == ("off", 2, True)
+    assert calls == [("off", 2)]  # the first candidate fits: one compile, reused by round 1
+
+
+def test_more_clients_at_once_before_less_recomputation():
+    # 24 GB free: off fits one client (15 GB) but blocks fits both (12.4 GB).
+    measure, calls = fake_measure(TEMP)
+    layout = fit.choose_layout(measure, 2, 1, available=24 * GB)
+    assert (layout.remat, layout.clients_per_step) == ("blocks", 2)
+    assert calls == [("off", 2), ("blocks", 2)]
+
+
+def test_narrower_width_predicted_then_confirmed():
+    # 6 clients, 15.5 GB free (budget 13.2): at full width nothing fits; blocks at 2 clients
+    # (1 + 11.4 GB) is the widest predicted fit, so it is the only narrower one compiled.
+    measure, calls = fake_measure(TEMP)
+    layout = fit.choose_layout(measure, 6, 1, available=15.5 * GB)
+    assert (layout.remat, layout.clients_per_step) == ("blocks", 2)
+    assert calls == [("off", 6), ("blocks", 6), ("full", 6), ("blocks", 2)]
+    assert layout.need <= fit.HEADROOM * 15.5 * GB
+
+
+def test_fixed_settings_are_kept():
+    measure, calls = fake_measure(TEMP)
+    layout = fit.choose_layout(measure, 4, 1, remat="full", clients_per_step=3)
+    assert (layout.remat, layout.clients_per_step, layout.chosen, calls) == ("full", 3, False, [])
+    # A fixed remat mode: only the width is chosen, with that mode.
+    layout = fit.choose_layout(measure, 4, 1, remat="off", available=40 * GB)
+    assert (layout.remat, layout.clients_per_step) == ("off", 2)
+    assert {remat for remat, _ in calls} == {"off"}
+
+
+def test_nothing_fits_is_a_clear_error():
+    measure, _ = fake_measure(TEMP, fixed=8.0)
+    with pytest.raises(fit.DoesNotFit, match=r"10\.0 GB free.*data\.batch_size"):
+        fit.choose_layout(measure, 2, 1, available=10 * GB)
+
+
+def test_candidate_widths_are_device_multiples_without_extra_padding():
+    assert fit.candidate_widths(6, 1) == [6, 3, 2, 1]
+    assert fit.candidate_widths(5, 1) == [5, 3, 2, 1]
+    assert fit.candidate_widths(6, 4) == [8, 4]
+    assert fit.candidate_widths(1, 1) == [1]
+
+
+def test_available_memory_is_the_hosts_free_memory():
+    free = fit.available_memory()
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < free <= total
+
+
+def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
+    """The estimate compiles exactly the round's local steps: the first round then compiles
+    nothing more, and the donated client state is written in place (no second copy)."""
+    from fedfms_jax.fed.round import Federation
+
+    fed = Federation(tiny_model(), config(local_steps=2, local_epochs=None), NUM_CLIENTS)
+    batches = {k: v[:, :2] for k, v in round_batches(0).items()}
+    example = {k: v[0, 0] for k, v in batches.items()}
+    steps = [2] * NUM_CLIENTS
+    need = fed.compiled_memory(example, steps, segment=2)
+    state = fed.begin_round(fed.init())
+    jax.block_until_ready(state)
+    compiles = []
+
+    def listener(name, *_, **__):
+        if "backend_compile" in name:
+            compiles.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, losses, _ = fed.local_round(state, steps, lambda todo: batches, segment=2)
+        jax.block_until_ready(state)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert np.isfinite(losses).all()
+    client_state = num_bytes(state.client_params) + num_bytes(state.client_opt_state)
+    assert need.outputs < client_state / 10  # outputs beyond the donated inputs: the losses
+    assert need.host_batches == 2 * sum(v.nbytes for v in batches.values())  # + the next
+    assert need.resident == num_bytes(fed.frozen)
+    assert BATCH == example["image"].shape[0]
