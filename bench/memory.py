@@ -14,6 +14,7 @@ data held between rounds) and the peak during it, in MB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,11 +67,40 @@ def measure_case(framework: str, variant: str, mode: str, clients: int, steps: i
     run_round()
     before = rss_mb()
     reset_peak_rss()
+    if device == "gpu" and framework == "torch":
+        torch.cuda.reset_peak_memory_stats()
     run_round()
     peak = peak_rss_mb()
-    return {"framework": framework, "clients": clients, "baseline_mb": baseline,
-            "before_round_mb": before, "peak_mb": peak,
+    if device == "gpu":  # the accelerator's own peak (JAX's counter includes the warm-up)
+        extra["device_peak_mb"] = (
+            jax.devices()[0].memory_stats()["peak_bytes_in_use"] if framework == "jax"
+            else torch.cuda.max_memory_allocated()) / 2**20
+    return {"framework": framework, "variant": variant, "mode": mode, "clients": clients,
+            "batch": batch, "baseline_mb": baseline, "before_round_mb": before, "peak_mb": peak,
             "torch_threads": torch.get_num_threads(), **extra}
+
+
+def compiled_need(variant: str, mode: str, clients: int, steps: int, batch: int, remat: str,
+                  clients_per_step: int) -> dict:
+    """XLA's compiled memory of one segment of local steps for a fixed layout, nothing run:
+    the figure `fed.fit` compares with the free memory (and the basis for extrapolating to
+    larger devices)."""
+    from bench import workloads as w
+    from fedfms_jax.fed import fit
+    from fedfms_jax.fed.round import FedConfig, Federation
+
+    config = w.model_config(variant, mode)
+    _, sam = w.build_models(config, w.Env())
+    sam.set_remat(remat)
+    images, targets = w.random_batch(config, batch, 0)
+    federation = Federation(sam, FedConfig(mode=mode, local_steps=steps, local_epochs=None,
+                                           clients_per_step=clients_per_step), clients)
+    need = federation.compiled_memory(fit.batch_spec(
+        {"image": images, "mask_low_res": targets}, clients, steps))
+    return {"variant": variant, "mode": mode, "clients": clients, "batch": batch,
+            "remat": remat, "clients_per_step": federation.chunk,
+            **{k: v / 2**20 for k, v in dataclasses.asdict(need).items()},
+            "need_mb": need.total / 2**20}
 
 
 def run_case(framework: str, clients: int, *, variant: str, mode: str, steps: int, batch: int,
@@ -105,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    parser.add_argument("--compile-only", metavar="REMAT:CLIENTS_PER_STEP", default=None,
+                        help="print the compiled memory of this fixed layout; run nothing")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.compile_only:
+        remat, width = args.compile_only.split(":")
+        print(json.dumps(compiled_need(args.variant, args.mode, args.clients, args.steps,
+                                       args.batch, remat, int(width))))
+        return 0
     print(json.dumps(measure_case(args.framework, args.variant, args.mode, args.clients,
                                   args.steps, args.batch, args.device, args.dtype)))
     return 0

@@ -83,7 +83,8 @@ def train_step(sam: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.M
                images: torch.Tensor, targets: torch.Tensor, autocast_dtype=None) -> float:
     """One FedFMS training step: forward, BCE, backward, Adam."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(images.device.type, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
         logits = segment(sam, images)
     loss = criterion(logits.float(), targets)
     loss.backward()

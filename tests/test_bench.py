@@ -18,13 +18,26 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
                       "--xla_cpu_use_fusion_emitters=false")
 
 
-def test_smoke_plan_writes_the_summary(tmp_path):
-    out = tmp_path / "smoke.json"
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}")
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_device_check_smoke_form_writes_parity_timings_and_memory(tmp_path):
+    """bench/device.sh --device cpu --smoke: the accelerator check's script end to end
+    (parity, bench.run --smoke, the memory cases), as a lent GPU machine runs it."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "bench/device.sh", str(tmp_path), "--device", "cpu",
+                           "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    device = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert device == json.loads((tmp_path / "device.json").read_text())
+    parity = device["parity"]
+    assert parity["passed"] and parity["relative_error_vs_float64"] <= parity["bound"], parity
+    memory = {(m["framework"], m["mode"], m["batch"]): m for m in device["memory"]}
+    assert set(memory) == {("jax", "fedmsa", 1), ("torch", "fedmsa", 1)}, device["memory"]
+    assert all(m["peak_mb"] > 0 for m in memory.values()), device["memory"]
+    jax_case = memory["jax", "fedmsa", 1]
+    assert (jax_case["remat"], jax_case["clients_per_step"]) == ("off", 2)  # tiny: all fit
+    out = tmp_path / "bench.json"
+    summary = device["bench"]
     for key in ("encoder_speedup", "train_step_speedup", "round_speedup",
                 "encoder_roof_fraction", "fedfms_round_speedup", "decoder_cache_speedup"):
         assert key in summary, f"summary lacks {key}: {sorted(summary)}"

@@ -6,12 +6,13 @@ segment of local steps needs beyond what is already resident (the frozen weights
 model holds anyway), i.e. the clients' state, the segment's batches (on the device and their
 host copy) and XLA's temporary buffers (the activations kept for the backward). It compares
 that with the memory the device has free now (an accelerator's allocator limit minus what is
-in use; on the CPU the host's available RAM) times `HEADROOM`.
+in use; on the CPU the host's available RAM), of which it plans to use a share (`policy`).
 
-Candidates, best first: more clients at once (up to all of them), then less recomputation
-(`model.remat` off < blocks < full). The activations grow linearly with the clients trained
-at once, so after one compile per remat mode at full width the largest width that should
-fit is predicted and only that is compiled to confirm. Compiling the chosen layout fills
+Candidates: how many clients at once (up to all of them) and how much recomputation
+(`model.remat` off < blocks < full); on an accelerator the widest first, on the CPU the
+least recomputation first (`policy` says why). The activations grow linearly with the
+clients trained at once, so a narrower layout is compiled only when the full-width compile
+of its remat mode predicts that it fits. Compiling the chosen layout fills
 JAX's compilation caches, so the first round does not compile it again.
 """
 
@@ -29,9 +30,11 @@ from fedfms_jax.models.image_encoder import REMAT_MODES
 
 log = logging.getLogger(__name__)
 
-# Fraction of the free memory a round may plan to use: the allocator's fragmentation, the
-# data pipeline and the host-side copies XLA's analysis does not see.
+# Fraction of an accelerator's free memory a round may plan to use: the allocator's
+# fragmentation and what XLA's analysis does not see.
 HEADROOM = 0.85
+# ... and of the host's free RAM on the CPU backend (see `policy`).
+HOST_SHARE = 0.5
 GB = 1e9
 
 
@@ -64,10 +67,12 @@ class Layout:
     chosen: bool      # False: both were fixed by the config, nothing was chosen
 
     def describe(self) -> str:
-        how = "chosen from the compiled memory analysis" if self.chosen else "as configured"
+        if not self.chosen:
+            return (f"memory: {self.clients_per_step} of {self.num_clients} client(s) at "
+                    f"once, model.remat={self.remat} (as configured)")
         return (f"memory: {self.clients_per_step} of {self.num_clients} client(s) at once, "
-                f"model.remat={self.remat} ({how}; a segment needs {self.need / GB:.1f} GB, "
-                f"{self.available / GB:.1f} GB free)")
+                f"model.remat={self.remat} (chosen from the compiled memory analysis: a "
+                f"segment needs {self.need / GB:.2f} GB, {self.available / GB:.1f} GB free)")
 
 
 class DoesNotFit(RuntimeError):
@@ -116,47 +121,55 @@ def candidate_widths(num_clients: int, num_devices: int) -> list[int]:
     return widths
 
 
+def policy(platform: str) -> dict:
+    """choose_layout's preferences on a platform. An accelerator's memory is its own and
+    more clients at once fill it better, so: the widest layout first, up to HEADROOM of its
+    free memory. On the CPU the 'device' memory is the host's RAM, which the data pipeline,
+    the Python heap and every other process share, and one client-step of a real model
+    already keeps the cores busy (more clients at once only cost memory): so less
+    recomputation first, and plan for at most HOST_SHARE of the free RAM."""
+    if platform == "cpu":
+        return {"prefer": "recompute", "headroom": HOST_SHARE}
+    return {"prefer": "width", "headroom": HEADROOM}
+
+
 def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
                   num_devices: int, *, remat: str = "auto", clients_per_step: int = 0,
-                  available: int | None = None) -> Layout:
+                  available: int | None = None, prefer: str = "width",
+                  headroom: float = HEADROOM) -> Layout:
     """The layout to run: `measure(remat, clients_per_step)` compiles one candidate and
     returns its MemoryNeed. remat "auto" and clients_per_step 0 are chosen; a fixed value is
-    kept (and, when both are fixed, nothing is compiled here)."""
+    kept (and, when both are fixed, nothing is compiled here). prefer "width": the most
+    clients at once, then the least recomputation; "recompute": the other way round (see
+    `policy`). The first candidate whose need is within headroom x the free memory wins."""
     if remat != "auto" and clients_per_step:
         return Layout(remat, min(clients_per_step, num_clients), num_clients, 0, 0, False)
     free = available_memory() if available is None else available
-    budget = HEADROOM * free
+    budget = headroom * free
     modes = REMAT_MODES if remat == "auto" else (remat,)
     widths = ([min(clients_per_step, num_clients)] if clients_per_step
               else candidate_widths(num_clients, num_devices))
     widest = widths[0]
-    needs = {}
-    for mode in modes:
-        needs[mode, widest] = measure(mode, widest)
-        if needs[mode, widest].total <= budget:
-            return _chosen(mode, widest, num_clients, needs[mode, widest], free)
-    # None fits at full width: the activations scale with the width, the rest does not.
-    tried = set(needs)
-    for width in widths[1:]:
-        for mode in modes:
-            full = needs[mode, widest]
-            predicted = full.total - full.temporaries * (1 - width / widest)
-            if predicted > budget or (mode, width) in tried:
-                continue
-            need = measure(mode, width)
-            tried.add((mode, width))
-            if need.total <= budget:
-                return _chosen(mode, width, num_clients, need, free)
+    order = ([(mode, width) for width in widths for mode in modes] if prefer == "width"
+             else [(mode, width) for mode in modes for width in widths])
+    needs: dict[tuple[str, int], MemoryNeed] = {}
+    for mode, width in order:
+        if (mode, widest) not in needs:
+            needs[mode, widest] = measure(mode, widest)
+        full = needs[mode, widest]
+        # The activations scale with the clients at once; the state and batches do not.
+        if full.total - full.temporaries * (1 - width / widest) > budget:
+            continue
+        if (mode, width) not in needs:
+            needs[mode, width] = measure(mode, width)
+        if needs[mode, width].total <= budget:
+            return Layout(mode, width, num_clients, needs[mode, width].total, free, True)
     smallest = min(needs.values(), key=lambda n: n.total)
     raise DoesNotFit(
-        f"one round does not fit in memory: {free / GB:.1f} GB free, and even the leanest "
-        f"layout tried needs about {smallest.total / GB:.1f} GB at {widest} client(s) at "
-        f"once; lower data.batch_size or train.steps_per_segment, or use a smaller "
-        f"model.variant")
-
-
-def _chosen(remat: str, width: int, num_clients: int, need: MemoryNeed, free: int) -> Layout:
-    return Layout(remat, width, num_clients, need.total, free, True)
+        f"one round does not fit in memory: {free / GB:.1f} GB free ({headroom:.0%} of it "
+        f"planned for), and even the leanest layout tried needs about "
+        f"{smallest.total / GB:.1f} GB; lower data.batch_size or train.steps_per_segment, "
+        f"or use a smaller model.variant")
 
 
 def frozen_bytes(frozen) -> int:
@@ -164,5 +177,5 @@ def frozen_bytes(frozen) -> int:
                for x in jax.tree.leaves(frozen))
 
 
-__all__ = ["HEADROOM", "DoesNotFit", "Layout", "MemoryNeed", "available_memory", "batch_spec",
-           "candidate_widths", "choose_layout"]
+__all__ = ["HEADROOM", "HOST_SHARE", "DoesNotFit", "Layout", "MemoryNeed", "available_memory",
+           "batch_spec", "candidate_widths", "choose_layout", "policy"]

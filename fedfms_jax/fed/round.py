@@ -433,7 +433,8 @@ class Federation:
         layout = fit.choose_layout(
             lambda mode, width: make(mode, width).compiled_memory(example_batch, steps, segment),
                                    num_clients, mesh.size, remat=remat,
-                                   clients_per_step=config.clients_per_step or 0)
+                                   clients_per_step=config.clients_per_step or 0,
+                                   **fit.policy(mesh.devices.flat[0].platform))
         federation = make(layout.remat, layout.clients_per_step)
         federation.layout = layout
         return federation

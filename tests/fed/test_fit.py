@@ -54,6 +54,21 @@ def test_narrower_width_predicted_then_confirmed():
     assert layout.need <= fit.HEADROOM * 15.5 * GB
 
 
+def test_on_the_cpu_less_recomputation_first_within_half_the_free_ram():
+    # ViT-B 1024, K=2, 20 GB free: half of it planned for. off needs 15 GB even one client
+    # at a time (predicted from its full-width compile, not compiled), blocks at 2 clients
+    # 12.4 GB, blocks one at a time 6.7 GB.
+    measure, calls = fake_measure(TEMP)
+    cpu = fit.policy("cpu")
+    layout = fit.choose_layout(measure, 2, 1, available=20 * GB, **cpu)
+    assert (layout.remat, layout.clients_per_step) == ("blocks", 1)
+    assert calls == [("off", 2), ("blocks", 2), ("blocks", 1)]
+    # With room for everything the CPU policy also trains all clients at once, no remat.
+    assert fit.choose_layout(fake_measure(TEMP)[0], 2, 1, available=80 * GB,
+                             **cpu).remat == "off"
+    assert fit.policy("gpu") == {"prefer": "width", "headroom": fit.HEADROOM}
+
+
 def test_fixed_settings_are_kept():
     measure, calls = fake_measure(TEMP)
     layout = fit.choose_layout(measure, 4, 1, remat="full", clients_per_step=3)
