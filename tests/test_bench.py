@@ -25,7 +25,7 @@ def test_device_check_smoke_form_writes_parity_timings_and_memory(tmp_path):
                PYTHON=sys.executable)
     proc = subprocess.run(["bash", "bench/device.sh", str(tmp_path), "--device", "cpu",
                            "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     device = json.loads(proc.stdout.strip().splitlines()[-1])
     assert device == json.loads((tmp_path / "device.json").read_text())
