@@ -86,7 +86,6 @@ def compiled_need(variant: str, mode: str, clients: int, steps: int, batch: int,
     the figure `fed.fit` compares with the free memory (and the basis for extrapolating to
     larger devices)."""
     from bench import workloads as w
-    from fedfms_jax.fed import fit
     from fedfms_jax.fed.round import FedConfig, Federation
 
     config = w.model_config(variant, mode)
@@ -95,8 +94,8 @@ def compiled_need(variant: str, mode: str, clients: int, steps: int, batch: int,
     images, targets = w.random_batch(config, batch, 0)
     federation = Federation(sam, FedConfig(mode=mode, local_steps=steps, local_epochs=None,
                                            clients_per_step=clients_per_step), clients)
-    need = federation.compiled_memory(fit.batch_spec(
-        {"image": images, "mask_low_res": targets}, clients, steps))
+    need = federation.compiled_memory({"image": images, "mask_low_res": targets},
+                                      [steps] * clients, steps)
     return {"variant": variant, "mode": mode, "clients": clients, "batch": batch,
             "remat": remat, "clients_per_step": federation.chunk,
             **{k: v / 2**20 for k, v in dataclasses.asdict(need).items()},
