@@ -109,7 +109,7 @@ def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
     example = {k: v[0, 0] for k, v in batches.items()}
     steps = [2] * NUM_CLIENTS
     need = fed.compiled_memory(example, steps, segment=2)
-    state = fed.begin_round(fed.init())
+    state, _ = fed.finish_local(fed.begin_round(fed.init()))  # compiles the round's edges
     jax.block_until_ready(state)
     compiles = []
 
