@@ -24,7 +24,6 @@ import os
 from collections.abc import Callable, Mapping
 
 import jax
-import numpy as np
 
 from fedfms_jax.models.image_encoder import REMAT_MODES
 
@@ -172,10 +171,5 @@ def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
         f"or use a smaller model.variant")
 
 
-def frozen_bytes(frozen) -> int:
-    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(frozen))
-
-
 __all__ = ["HEADROOM", "HOST_SHARE", "DoesNotFit", "Layout", "MemoryNeed", "available_memory",
-           "batch_spec", "candidate_widths", "choose_layout", "policy"]
+           "candidate_widths", "choose_layout", "policy"]

@@ -515,7 +515,7 @@ class Federation:
         return fit.MemoryNeed(
             arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
             outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
-            resident=fit.frozen_bytes(self.frozen), host_batches=2 * stretch)
+            resident=num_bytes(self.frozen), host_batches=2 * stretch)
 
     def global_model(self, state: FedState) -> nnx.Module:
         """The global model (global trainable weights + the shared frozen weights)."""
