@@ -24,10 +24,10 @@ $(MRICRON):
 test-data: $(MRICRON)
 
 test: $(STAMP) test-data
-	$(PY) -m pytest -q -n 2 --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=10
 
 test-slow: $(STAMP) test-data
-	$(PY) -m pytest -q -m slow
+	FEDFMS_TEST_XLA_DEFAULTS=1 $(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(PY) -m fedfms_jax.demo

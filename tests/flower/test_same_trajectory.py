@@ -75,10 +75,13 @@ def simulate(config) -> dict[str, np.ndarray]:
 CHAOTIC = "k_proj.bias"
 
 
+# Each case is two tiny-SAM trainings (~1 min on 2 cores): the default suite keeps the one
+# whose server step amplifies differences most (FedAdam, FedProx at server_lr 1e-2); the
+# others run with `make test-slow`.
 @pytest.mark.parametrize("server, hyper", [
-    ("none", {}),
-    ("fedavgm", {"train.client_fraction": 0.5}),
-    ("fedadam", {}),
+    pytest.param("none", {}, marks=pytest.mark.slow),
+    pytest.param("fedavgm", {"train.client_fraction": 0.5}, marks=pytest.mark.slow),
+    pytest.param("fedadam", {}, marks=pytest.mark.slow),
     ("fedadam", {"train.server_lr": 1e-2, "algorithm": "fedprox"}),
 ])
 def test_flower_trains_the_simulators_trajectory(tmp_path, server, hyper):
