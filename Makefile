@@ -27,7 +27,7 @@ test: $(STAMP) test-data
 	$(PY) -m pytest -q -n 2 --dist loadscope --durations=10
 
 test-slow: $(STAMP) test-data
-	FEDFMS_TEST_XLA_DEFAULTS=1 $(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow
 
 demo: $(STAMP)
 	$(PY) -m fedfms_jax.demo
