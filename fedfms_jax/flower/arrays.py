@@ -1,9 +1,8 @@
-"""Trainable weights <-> Flower ArrayRecords of named arrays.
+"""Trainable weights <-> named arrays, checked name by name against the model.
 
-On the wire a state is an ArrayRecord whose keys are the flat paths of the weights files
-('mask_decoder.output_upscaling.0.kernel'), so a message can be read without the model and
-checked name by name. Arrays keep their dtype; bytes are what Flower serialises (numpy .npy
-payloads plus key names), which is what `message_bytes` reports.
+A state's arrays are named by the flat paths of the weights files
+('mask_decoder.output_upscaling.0.kernel') and keep their dtype, so a message can be read
+without the model and checked name by name; on the wire they travel packed (wire.py).
 """
 
 from __future__ import annotations
@@ -13,34 +12,19 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from flwr.app import Array, ArrayRecord
 
+from fedfms_jax.flower.wire import WireError
 from fedfms_jax.weights_file import flat_path
 
 
-class ArrayRecordMismatch(ValueError):
-    """An ArrayRecord whose names, shapes or dtypes do not fit the expected state."""
-
-
-def _array(value) -> Array:
-    # order="C", not np.ascontiguousarray, which turns 0-d arrays (step counts) into 1-d.
-    return Array(np.asarray(value, order="C"))
+class ArrayRecordMismatch(WireError):
+    """Named arrays whose names, shapes or dtypes do not fit the expected state."""
 
 
 def state_to_arrays(state: nnx.State) -> dict[str, np.ndarray]:
     """nnx.State -> {flat path: numpy array} (host copies, original dtype)."""
     return {flat_path(path): np.asarray(jax.device_get(variable.get_value()))
             for path, variable in nnx.to_flat_state(state)}
-
-
-def to_arrayrecord(state: nnx.State) -> ArrayRecord:
-    """nnx.State -> ArrayRecord keyed by flat paths."""
-    return ArrayRecord({name: _array(value) for name, value in state_to_arrays(state).items()})
-
-
-def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> {name: numpy array}."""
-    return {name: array.numpy() for name, array in record.items()}
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], like: nnx.State, source: str) -> None:
@@ -78,12 +62,6 @@ def from_arrays(arrays: Mapping[str, np.ndarray], like: nnx.State,
     return nnx.from_flat_state(new_flat)
 
 
-def from_arrayrecord(record: ArrayRecord, like: nnx.State,
-                     source: str = "message") -> nnx.State:
-    """ArrayRecord -> a state shaped like `like`, checked name by name."""
-    return from_arrays(arrays_of(record), like, source)
-
-
 def tree_to_arrays(tree) -> dict[str, np.ndarray]:
     """Any pytree of arrays (an optimizer state) -> {tree path: numpy array}. For state a
     site keeps between rounds (its worker's saved state); it never leaves the site."""
@@ -109,16 +87,3 @@ def tree_from_arrays(named: Mapping[str, np.ndarray], like):
                                       f"{np.shape(leaf)}")
         values.append(jax.numpy.asarray(value))
     return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def message_bytes(record: ArrayRecord) -> int:
-    """Bytes of an ArrayRecord as Flower serialises it (payloads and key names)."""
-    return record.count_bytes()
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    """Bytes of the array values alone (size x itemsize), the engine's accounting."""
-    total = 0
-    for array in record.values():
-        total += int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
-    return total

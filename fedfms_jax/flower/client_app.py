@@ -5,14 +5,15 @@
                  own function, see site.py), the site's trainable weights out
     evaluate  -> the global trainable weights in, the site's scores out
 
-Flower starts a new ClientApp process for every message, so the work is done by the site's
-long-lived worker (worker.py), which keeps the model, the compiled round and the data stream
-for the whole run: this adapter forwards the message to it over the local channel named by
-the SuperNode's --node-config 'worker-dir="DIR"' (channel.py) and returns its answer. It
-imports no JAX. Under Flower's simulation runtime (node config 'partition-id'), where the
+The work is done by the site's long-lived worker (worker.py), which keeps the model, the
+compiled round and the data stream for the whole run: this adapter forwards the message to
+it over the local channel named by the SuperNode's --node-config 'worker-dir="DIR"'
+(channel.py) and returns its answer. It imports no JAX: it runs in the site's SuperExec
+(superexec.py), or in a fresh flwr-clientapp process per message under a plain SuperNode. Under Flower's simulation runtime (node config 'partition-id'), where the
 ClientApp lives on in its Ray actor, the worker runs in the ClientApp's own process.
 
-Only trainable weights travel, as an ArrayRecord of named arrays ('arrays'); the run settings
+Only trainable weights travel, packed into one array per dtype plus their layout (wire.py),
+unpacked here into named arrays (the worker checks them against its model); the run settings
 come in the run config (settings.py) and the site's identity in the SuperNode's
 --node-config. A worker that is not there or dies mid-message makes the handler raise, so
 the server reports the site by name and applies its on-site-failure policy.
@@ -23,12 +24,11 @@ from __future__ import annotations
 import time
 from logging import INFO
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from fedfms_jax.flower import channel
+from fedfms_jax.flower import channel, wire
 from fedfms_jax.flower.secagg import secagg_mod
 
 app = ClientApp()
@@ -78,15 +78,6 @@ def _forward(kind: str, msg: Message, context: Context, **fields) -> dict:
     return reply
 
 
-def _named(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def _record(named: dict[str, np.ndarray]) -> ArrayRecord:
-    # order="C", not np.ascontiguousarray, which turns 0-d arrays into 1-d (as arrays.py).
-    return ArrayRecord({name: Array(np.asarray(v, order="C")) for name, v in named.items()})
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     reply = _forward("query", msg, context)
@@ -100,16 +91,17 @@ def query(msg: Message, context: Context) -> Message:
 @app.train(mods=[secagg_mod])  # SecAgg+ rounds (--secagg) mask the update; others pass
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    incoming = msg.content["arrays"]
     log(INFO, "round %d: received %d bytes", int(config["server-round"]),
-        incoming.count_bytes())
-    reply = _forward("train", msg, context, arrays=_named(incoming),
+        wire.message_bytes(msg.content))
+    reply = _forward("train", msg, context,
+                     arrays=wire.unpack(msg.content, "the server's train message"),
                      config={"server-round": int(config["server-round"]),
                              "client-sites": list(config["client-sites"])})
-    outgoing = _record(reply["arrays"])
-    log(INFO, "round %d: sending %d bytes", int(config["server-round"]), outgoing.count_bytes())
+    outgoing = wire.pack(reply["arrays"])
+    log(INFO, "round %d: sending %d bytes", int(config["server-round"]),
+        wire.message_bytes(outgoing))
     return Message(RecordDict({
-        "arrays": outgoing,
+        **outgoing,
         "metrics": MetricRecord({**reply["metrics"], "site-index": reply["site-index"]}),
     }), reply_to=msg)
 
@@ -117,7 +109,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     split = str(msg.content["config"]["split"])
-    reply = _forward("evaluate", msg, context, arrays=_named(msg.content["arrays"]),
+    reply = _forward("evaluate", msg, context,
+                     arrays=wire.unpack(msg.content, "the server's evaluate message"),
                      config={"split": split})
     s = reply["scores"]
     return Message(RecordDict({

@@ -1,20 +1,25 @@
-"""One hospital's node: its Flower SuperNode and the site worker beside it, as one command.
+"""One hospital's node: its Flower SuperNode, its SuperExec and the site worker, as one command.
 
     python -m fedfms_jax.flower.node --worker_dir DIR -- <flower-supernode arguments>
 
 starts
   * the site worker (`python -m fedfms_jax.flower.worker --dir DIR`), which holds the model,
-    the compiled round and the data stream for the whole run (worker.py), and
-  * the SuperNode (`fedfms_jax.flower.supernode`: flower-supernode with a short idle poll,
-    and FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05 for its SuperExec), with worker-dir="DIR"
-    added to its --node-config so that its ClientApp forwards every message to the worker.
-Neither outlives the other or this command:
-  * the SuperNode exits -> the worker is stopped and this command exits with its code;
+    the compiled round and the data stream for the whole run (worker.py),
+  * the SuperNode (`fedfms_jax.flower.supernode`: flower-supernode with a short idle poll)
+    with `--isolation process` and worker-dir="DIR" added to its --node-config, and
+  * its SuperExec (`fedfms_jax.flower.superexec`, polling every
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05 s), which runs the ClientApp of every message
+    in one long-lived process instead of flwr's process per message; the ClientApp
+    forwards each message to the worker.
+None outlives the others or this command:
+  * the SuperNode exits -> the others are stopped and this command exits with its code;
   * the worker dies -> the message in flight fails (the server names the site and applies
     its on-site-failure policy) and the worker is restarted; it continues the run from its
-    saved state with the server's next message (up to --max_restarts times);
-  * Ctrl-C / SIGTERM -> both are stopped; SIGKILL -> the kernel signals both
-    (PR_SET_PDEATHSIG) and the worker also polls this process's pid.
+    saved state with the server's next message (up to --max_restarts times); a SuperExec
+    that dies is restarted the same way (its task, if any, expires at the SuperNode, which
+    answers the server with an error for it);
+  * Ctrl-C / SIGTERM -> all are stopped; SIGKILL -> the kernel signals them
+    (PR_SET_PDEATHSIG) and worker and SuperExec also poll this process's pid.
 flower.local runs exactly this per site.
 """
 
@@ -31,9 +36,13 @@ from pathlib import Path
 from fedfms_jax.flower import channel
 from fedfms_jax.flower.client_app import WORKER_DIR
 from fedfms_jax.flower.processes import RUN_TAG_ENV, Processes, exit_on_signals
-from fedfms_jax.flower.supernode import DEFAULT_POLL, POLL_ENV
+from fedfms_jax.flower.superexec import DEFAULT_POLL as SUPEREXEC_POLL
+from fedfms_jax.flower.superexec import SUPEREXEC_POLL_ENV
+from fedfms_jax.flower.polling import DEFAULT_POLL, POLL_ENV
 
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# flower-supernode's defaults (flwr.supercore.constant UVICORN_DEFAULT_HOST and
+# SUPERNODE_UVICORN_DEFAULT_PORT; tests/flower/test_superexec.py checks them).
+RUNTIME_HOST, RUNTIME_PORT = "127.0.0.1", 9094
 
 
 def with_worker_dir(supernode_args: list[str], directory: Path) -> list[str]:
@@ -65,6 +74,30 @@ def with_worker_dir(supernode_args: list[str], directory: Path) -> list[str]:
     return args
 
 
+def with_own_superexec(supernode_args: list[str]) -> tuple[list[str], list[str]]:
+    """The SuperNode's arguments with `--isolation process` added, and the arguments of
+    the SuperExec that then serves its Runtime API (its --host/--port, and with
+    --ssl-ca-certfile, TLS)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--isolation")
+    parser.add_argument("--host", default=RUNTIME_HOST)
+    parser.add_argument("--port", default=str(RUNTIME_PORT))
+    parser.add_argument("--ssl-ca-certfile", "--appio-ssl-ca-certfile", dest="ca")
+    known, _ = parser.parse_known_args(supernode_args)
+    if known.isolation is not None:
+        raise ValueError(f"the SuperNode arguments set --isolation {known.isolation}: the "
+                         "node runs its SuperNode with --isolation process and its own "
+                         "SuperExec (leave --isolation out)")
+    # A Runtime API bound to every interface is reached on loopback.
+    host = "127.0.0.1" if known.host in ("0.0.0.0", "") else (
+        "::1" if known.host == "::" else known.host)
+    host = f"[{host}]" if ":" in host else host
+    superexec = ["--runtime-api-address", f"{host}:{known.port}"]
+    if known.ca:
+        superexec += ["--root-certificates", known.ca]
+    return [*supernode_args, "--isolation", "process"], superexec
+
+
 def _answers(directory: Path) -> bool:
     try:
         return channel.call(directory, {"kind": "ping"}, timeout=30)["ok"]
@@ -89,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     directory = args.worker_dir.resolve()
     try:
-        supernode_args = with_worker_dir(argv[split + 1:], directory)
+        supernode_args, superexec_args = with_own_superexec(
+            with_worker_dir(argv[split + 1:], directory))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     directory.mkdir(parents=True, exist_ok=True)
     env = {POLL_ENV: os.environ.get(POLL_ENV) or str(DEFAULT_POLL),
-           SUPEREXEC_POLL_ENV: os.environ.get(SUPEREXEC_POLL_ENV) or "0.05"}
+           SUPEREXEC_POLL_ENV: os.environ.get(SUPEREXEC_POLL_ENV) or str(SUPEREXEC_POLL)}
     exit_on_signals()
     tag = os.environ.get(RUN_TAG_ENV) or uuid.uuid4().hex
     try:
@@ -119,27 +153,37 @@ def main(argv: list[str] | None = None) -> int:
             supernode = procs.start("supernode", [sys.executable, "-m",
                                                   "fedfms_jax.flower.supernode",
                                                   *supernode_args], None)
+
+            def start_superexec():
+                return procs.start("superexec", [sys.executable, "-m",
+                                                 "fedfms_jax.flower.superexec", *superexec_args,
+                                                 "--parent", str(os.getpid())], None)
+
+            helpers = {"site worker": [worker, start_worker, 0],
+                       "SuperExec": [start_superexec(), start_superexec, 0]}
             print(f"node: site worker pid {worker.pid} in {directory}, SuperNode pid "
-                  f"{supernode.pid}", flush=True)
-            restarts = 0
+                  f"{supernode.pid}, SuperExec pid {helpers['SuperExec'][0].pid}", flush=True)
             while True:
                 procs.reap()
                 code = supernode.popen.poll()
                 if code is not None:
                     print(f"node: the SuperNode exited with code {code}; stopping the site "
-                          "worker", flush=True)
+                          "worker and the SuperExec", flush=True)
                     return code
-                code = worker.popen.poll()
-                if code is not None:
+                for name, helper in helpers.items():
+                    child, start, restarts = helper
+                    code = child.popen.poll()
+                    if code is None:
+                        continue
                     if restarts >= args.max_restarts:
-                        print(f"error: the site worker exited with code {code} after "
+                        print(f"error: the {name} exited with code {code} after "
                               f"{restarts} restarts; stopping the node", flush=True)
                         return 1
-                    restarts += 1
-                    print(f"warning: the site worker exited with code {code}; restarting "
-                          f"it ({restarts} of {args.max_restarts})", flush=True)
+                    helper[2] = restarts + 1
+                    print(f"warning: the {name} exited with code {code}; restarting "
+                          f"it ({restarts + 1} of {args.max_restarts})", flush=True)
                     time.sleep(1.0)
-                    worker = start_worker()
+                    helper[0] = start()
                 time.sleep(0.2)
     except KeyboardInterrupt:
         return 130

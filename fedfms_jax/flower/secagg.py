@@ -40,7 +40,7 @@ import functools
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import (Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters,
@@ -56,6 +56,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
+from fedfms_jax.flower import wire
 from fedfms_jax.flower.exchange import exchange
 
 # flwr's SecAggPlusWorkflow defaults: integers in [0, 2^22), masks modulo 2^32.
@@ -85,35 +86,48 @@ def _train_update(call_next, msg: Message, context: Context) -> Message:
     """secaggplus_mod's fit step: the legacy FitIns in, our train handler run on it, the
     update theta_k - global out as a legacy FitRes (what secaggplus_mod quantises)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = str(fitins.config["array-names"]).split(",")
-    incoming = dict(zip(names, parameters_to_ndarrays(fitins.parameters), strict=True))
+    incoming = _unpack(fitins.parameters, fitins.config, "the server's SecAgg+ train message")
     msg.content = RecordDict({
-        "arrays": ArrayRecord({n: Array(np.ascontiguousarray(v)) for n, v in incoming.items()}),
+        **wire.pack(incoming),
         "config": ConfigRecord({
             "server-round": int(fitins.config["server-round"]),
             "client-sites": [int(s) for s in str(fitins.config["client-sites"]).split(",")]})})
     reply = call_next(msg, context)
     content = reply.content
-    weights = {name: array.numpy() for name, array in content["arrays"].items()}
+    weights = wire.unpack(content, "the site's reply")
     metrics = dict(content["metrics"])
-    update = [np.asarray(weights[n], np.float64) - incoming[n] for n in names]
+    update = {n: np.asarray(weights[n], np.float64) - incoming[n] for n in incoming}
     num_examples = int(metrics["num-examples"])
-    if not all(np.isfinite(u).all() for u in update):
+    if not all(np.isfinite(u).all() for u in update.values()):
         # The server cannot see (and leave out) this update: it counts for nothing instead.
         log(WARNING, "SecAgg+: the update is not finite; it is sent as zero with weight 0")
-        update = [np.zeros_like(u) for u in update]
+        update = {n: np.zeros_like(u) for n, u in update.items()}
         num_examples = 0
     state = context.state.config_records[RECORD_KEY_STATE]
     limit = float(state["clipping_range"]) * float(state["max_weight"]) / max(num_examples, 1)
-    clipped = int(sum(int(np.sum(np.abs(u) > limit)) for u in update))
+    clipped = int(sum(int(np.sum(np.abs(u) > limit)) for u in update.values()))
     if clipped:
         log(WARNING, "SecAgg+: %d update values exceed secagg-range %g (at this site's "
             "weight) and are clipped; raise secagg-range", clipped, float(state["clipping_range"]))
     metrics["secagg-clipped"] = clipped
     metrics["num-examples"] = num_examples
+    # One float32 vector, in the layout's order: what secaggplus_mod quantises and masks.
+    flat = wire.pack_flat({n: u.astype(np.float32) for n, u in update.items()})
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(
-        [u.astype(np.float32) for u in update]), num_examples=num_examples, metrics=metrics)
+        list(flat.values())), num_examples=num_examples, metrics=metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _unpack(parameters: Parameters, config, source: str) -> dict[str, np.ndarray]:
+    """Legacy Parameters (one flat array per dtype, in 'arrays-dtypes' order) and the
+    'arrays-layout' of the fit config -> {name: array}."""
+    dtypes = str(config.get("arrays-dtypes", "")).split(",")
+    flat = parameters_to_ndarrays(parameters)
+    if len(flat) != len(dtypes):
+        raise wire.WireError(f"{source}: {len(flat)} packed arrays, but 'arrays-dtypes' "
+                             f"names {dtypes}")
+    return wire.unpack_flat(dict(zip(dtypes, flat)), str(config.get("arrays-layout", "")),
+                            source)
 
 
 # --- the server -------------------------------------------------------------------------
@@ -189,11 +203,12 @@ def secure_round(grid, nodes: list[int], global_arrays: dict[str, np.ndarray],
     config: the train instructions (server-round, client-sites); max_weight: the largest
     site weight (sample count); threshold: the share of a site's neighbours that must
     answer for its masks to be removed (flwr's reconstruction_threshold)."""
-    names = sorted(global_arrays)
-    parameters = ndarrays_to_parameters([np.asarray(global_arrays[n]) for n in names])
+    flat = wire.pack_flat(global_arrays)
+    parameters = ndarrays_to_parameters(list(flat.values()))
     fit_config = {"server-round": int(config["server-round"]),
                   "client-sites": ",".join(str(s) for s in config["client-sites"]),
-                  "array-names": ",".join(names)}
+                  "arrays-layout": wire.layout_of(global_arrays),
+                  "arrays-dtypes": ",".join(flat)}
     strategy = _RoundStrategy(grid, {node: FitIns(parameters, dict(fit_config))
                                      for node in nodes})
     state = RecordDict()
@@ -219,5 +234,9 @@ def secure_round(grid, nodes: list[int], global_arrays: dict[str, np.ndarray],
         if sum(m["num-examples"] for m in metrics.values()) == 0:
             mean = None   # every finishing site sent a zero-weight update
         else:
-            mean = dict(zip(names, strategy.mean, strict=True))
+            # The sites' updates are one float32 vector in the layout's order.
+            like = {n: np.broadcast_to(np.float32(0), np.shape(v))
+                    for n, v in global_arrays.items()}
+            mean = wire.unpack_flat({"float32": strategy.mean[0]} if len(strategy.mean) == 1
+                                    else {}, wire.layout_of(like), "the SecAgg+ aggregate")
     return SecureOutcome(mean, metrics, dropped)

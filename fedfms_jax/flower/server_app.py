@@ -12,7 +12,8 @@
                only the weighted mean of the sites' updates
     evaluate   every eval.every rounds and after the last: each source site scores the
                global weights on its validation split, the unseen site on all its records
-Only the trainable subtree travels, as named arrays; every message's size is logged. The
+Only the trainable subtree travels, as named arrays packed into one array per dtype plus
+their layout (wire.py), checked name by name on arrival; every message's size is logged. The
 run's records go to <workdir>/metrics.jsonl in the format of `fedfms_jax.train` (plus a
 'sites' record and the measured message sizes) and the final global model to
 <workdir>/final.safetensors.
@@ -35,7 +36,7 @@ from logging import INFO, WARNING
 import jax
 import numpy as np
 from flax import nnx
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -47,8 +48,9 @@ from fedfms_jax.fed import aggregate
 from fedfms_jax.fed.accounting import accountant_for, budget_message
 from fedfms_jax.fed.clients import plan_clients
 from fedfms_jax.fed.partition import split
-from fedfms_jax.flower import arrays, secagg
+from fedfms_jax.flower import arrays, secagg, wire
 from fedfms_jax.flower.exchange import Outcome, exchange
+from fedfms_jax.flower.polling import fast_object_pulls
 from fedfms_jax.flower.settings import RunSettings, check_secagg
 from fedfms_jax.run_log import RunLog, save_final
 
@@ -90,13 +92,18 @@ class Server:
         self.privacy = self.fed_config.privacy
         # The run's key, as the simulator's FedState holds it: the DP noise derives from it.
         self.base_key = np.asarray(jax.random.key_data(jax.random.key(self.fed_config.seed)))
-        self.global_params = jax.tree.map(np.asarray, trainable)
-        self.server_state = self.server.tx().init(self.global_params)
-        self.global_arrays = arrays.to_arrayrecord(trainable)
+        self.server_state = self.server.tx().init(jax.tree.map(np.asarray, trainable))
+        self.set_global(trainable)
         self.lost: dict[str, str] = {}   # site name -> why it left the federation
         self.bytes_cumulative = 0
 
     # --- records and messages ---------------------------------------------------------
+
+    def set_global(self, params) -> None:
+        """The new global trainable weights, and the records every message sends of them."""
+        self.global_params = jax.tree.map(np.asarray, params)
+        self.global_named = arrays.state_to_arrays(self.global_params)
+        self.global_records = wire.pack(self.global_named)
 
     def write(self, record: dict) -> None:
         if self.run_log is not None:
@@ -218,23 +225,23 @@ class Server:
         if self.settings.secagg:
             return self.secure_round(done, began, clients, taking_part, client_sites)
         by_node = {s.node: s for s in taking_part}
-        messages = [Message(RecordDict({"arrays": self.global_arrays, "config": ConfigRecord(
+        messages = [Message(RecordDict({**self.global_records, "config": ConfigRecord(
             {"server-round": done, "client-sites": client_sites})}), dst_node_id=node,
             message_type=MessageType.TRAIN) for node in by_node]
-        down = arrays.message_bytes(self.global_arrays)
+        down = wire.message_bytes(self.global_records)
         for message in messages:
             log(INFO, "round %d: to %s: %d bytes", done, by_node[message.metadata.dst_node_id],
                 down)
         outcome = exchange(self.grid, messages, self.settings.round_timeout)
-        up = {}
+        up, named = {}, {}
         for node, reply in list(outcome.replies.items()):
-            record = reply.content.array_records.get("arrays", ArrayRecord())
-            up[by_node[node].name] = arrays.message_bytes(record)
+            up[by_node[node].name] = wire.message_bytes(reply.content)
             log(INFO, "round %d: from %s: %d bytes", done, by_node[node], up[by_node[node].name])
+            source = f"the reply of {by_node[node]}"
             try:
-                arrays.check_arrays(arrays.arrays_of(record), self.like,
-                                    f"the reply of {by_node[node]}")
-            except arrays.ArrayRecordMismatch as error:
+                named[node] = wire.unpack(reply.content, source)
+                arrays.check_arrays(named[node], self.like, source)
+            except wire.WireError as error:
                 del outcome.replies[node]
                 outcome.errors[node] = str(error)
         self.site_failures(done, "training", outcome, by_node)
@@ -248,7 +255,7 @@ class Server:
             metrics = reply.content["metrics"]
             loss[site.name] = float(metrics["loss"])
             steps[site.name] = int(metrics["steps"])
-            replies.append((site, reply))
+            replies.append((site, reply, named[node]))
         excluded, dp = self.aggregate(done, replies)
         total = down * len(messages) + sum(up.values())
         self.bytes_cumulative += total
@@ -258,7 +265,7 @@ class Server:
             "bytes_up_per_client": max(up.values(), default=0),
             "bytes_down_per_client": down if messages else 0,
             "bytes_total": total, "bytes_cumulative": self.bytes_cumulative,
-            "payload_bytes_per_client": arrays.payload_bytes(self.global_arrays),
+            "payload_bytes_per_client": wire.payload_bytes(self.global_named),
             "message_bytes": {name: {"down": down, "up": up.get(name)} for name in ordered},
             "excluded": excluded, "sites": ordered,
             "failed": {name: why for name, why in self.lost.items()
@@ -276,7 +283,7 @@ class Server:
                             f"{len(by_node)} take part (train.client_fraction, lost: "
                             f"{self.lost or 'none'})")
         outcome = secagg.secure_round(
-            self.grid, list(by_node), arrays.arrays_of(self.global_arrays),
+            self.grid, list(by_node), self.global_named,
             {"server-round": done, "client-sites": client_sites},
             max_weight=float(max(s.num_train for s in clients)),
             secagg_range=self.settings.secagg_range, threshold=self.settings.secagg_threshold,
@@ -304,15 +311,13 @@ class Server:
             log(WARNING, "round %d: no update with weight > 0; the global weights are "
                 "unchanged", done)
         else:
-            like = arrays.state_to_arrays(self.like)
-            update = arrays.from_arrays({k: v.astype(like[k].dtype) for k, v in
-                                         outcome.mean_update.items()}, self.like,
-                                        "the SecAgg+ aggregate")
+            update = arrays.from_arrays(
+                {k: v.astype(self.global_named[k].dtype)
+                 for k, v in outcome.mean_update.items()}, self.like, "the SecAgg+ aggregate")
             new, self.server_state = aggregate.mean_update_step_fn(self.server)(
                 self.global_params, update, self.server_state)
-            self.global_params = jax.tree.map(np.asarray, new)
-            self.global_arrays = arrays.to_arrayrecord(self.global_params)
-        down = arrays.message_bytes(self.global_arrays)
+            self.set_global(new)
+        down = wire.message_bytes(self.global_records)
         finished = {by_node[n].name: m for n, m in outcome.metrics.items()}
         self.bytes_cumulative += down * len(by_node)
         self.write({
@@ -332,7 +337,7 @@ class Server:
         targets = [(s, "val") for s in clients] + [(s, "test") for s in unseen]
         targets = [(s, split_) for s, split_ in targets if s.name not in self.lost]
         by_node = {s.node: s for s, _ in targets}
-        messages = [Message(RecordDict({"arrays": self.global_arrays, "config": ConfigRecord(
+        messages = [Message(RecordDict({**self.global_records, "config": ConfigRecord(
             {"split": split_, "server-round": done})}), dst_node_id=s.node,
             message_type=MessageType.EVALUATE) for s, split_ in targets]
         outcome = exchange(self.grid, messages, self.settings.round_timeout)
@@ -359,7 +364,8 @@ class Server:
                 "update_norm": norms}
 
     def aggregate(self, done: int, replies: list) -> tuple[list[str], dict]:
-        """The round's new global weights from the replies [(SiteInfo, Message)], by the
+        """The round's new global weights from the replies [(SiteInfo, Message, named
+        arrays)], by the
         simulator's aggregation (non-finite replies left out, as there; with privacy on,
         each site's update clipped and the mean noised with the simulator's key for this
         round). Returns (the names of the sites left out, the round's privacy fields)."""
@@ -367,17 +373,16 @@ class Server:
             log(WARNING, "round %d: no update to average; the global weights are unchanged",
                 done)
             return [], self.privacy_fields(done, {}, 0.0)
-        trees = [arrays.from_arrayrecord(reply.content["arrays"], self.like,
-                                         f"the reply of {site}") for site, reply in replies]
+        trees = [arrays.from_arrays(named, self.like, f"the reply of {site}")
+                 for site, _, named in replies]
         stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
         num_samples = np.array([float(reply.content["metrics"]["num-examples"])
-                                for _, reply in replies], np.float32)
+                                for _, reply, _ in replies], np.float32)
         new, self.server_state, metrics = aggregate.aggregate_fn(self.server, self.privacy)(
             self.global_params, stacked, num_samples, self.server_state, self.base_key,
             np.int32(done - 1))
-        self.global_params = jax.tree.map(np.asarray, new)
-        self.global_arrays = arrays.to_arrayrecord(self.global_params)
-        excluded = [site.name for (site, _), ok in zip(replies, np.asarray(metrics["finite"]))
+        self.set_global(new)
+        excluded = [site.name for (site, _, _), ok in zip(replies, np.asarray(metrics["finite"]))
                     if not ok]
         for name in excluded:
             log(WARNING, "round %d: %s sent a non-finite update: left out of the average",
@@ -385,7 +390,7 @@ class Server:
         if len(excluded) == len(replies):
             log(WARNING, "round %d: no update to average; the global weights are unchanged",
                 done)
-        norms = {site.name: float(v) for (site, _), v in
+        norms = {site.name: float(v) for (site, _, _), v in
                  zip(replies, np.asarray(metrics.get("update_norm", [])))}
         return excluded, self.privacy_fields(done, norms, float(metrics.get("noise_std", 0.0)))
 
@@ -403,6 +408,7 @@ class Server:
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     enable_compilation_cache()
+    fast_object_pulls()
     try:
         summary = Server(grid, settings).run()
     except FederationError:

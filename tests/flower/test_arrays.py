@@ -1,5 +1,5 @@
-"""Trainable state <-> Flower ArrayRecord: names, exact values, dtypes, byte counts, and
-errors that name the culprit."""
+"""Trainable state <-> named arrays <-> a message's packed records: names, exact values,
+dtypes, byte counts, and errors that name the culprit."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from flwr.app import Array, ArrayRecord
+from flwr.app import RecordDict
 
 from fedfms_jax.fed.partition import split
-from fedfms_jax.flower import arrays
+from fedfms_jax.flower import arrays, wire
 from fedfms_jax.models import Sam, get_config
 from fedfms_jax.weights_file import flat_path
 
@@ -25,11 +25,14 @@ def trainable():
 
 
 def test_round_trip_is_exact_and_named_by_flat_paths(trainable):
-    record = arrays.to_arrayrecord(trainable)
+    records = wire.pack(arrays.state_to_arrays(trainable))
+    # One packed array for the whole state: a handful of Flower objects per message.
+    assert list(records[wire.ARRAYS].keys()) == ["float32"]
     names = [flat_path(path) for path, _ in nnx.to_flat_state(trainable)]
-    assert list(record.keys()) == names
+    unpacked = wire.unpack(RecordDict(records))
+    assert list(unpacked) == names
     assert all(name.startswith("mask_decoder.") for name in names)
-    back = arrays.from_arrayrecord(record, trainable)
+    back = arrays.from_arrays(unpacked, trainable)
     assert jax.tree.structure(back) == jax.tree.structure(trainable)
     for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -37,16 +40,18 @@ def test_round_trip_is_exact_and_named_by_flat_paths(trainable):
 
 
 def test_byte_counts(trainable):
-    record = arrays.to_arrayrecord(trainable)
+    named = arrays.state_to_arrays(trainable)
+    records = wire.pack(named)
     payload = sum(np.asarray(x).nbytes for x in jax.tree.leaves(trainable))
-    assert arrays.payload_bytes(record) == payload
-    # .npy headers (about 128 bytes per array) and the names come on top of the payload
-    overhead = arrays.message_bytes(record) - payload
-    assert sum(len(k) for k in record) < overhead < sum(len(k) + 200 for k in record)
+    assert wire.payload_bytes(named) == payload
+    # On top of the payload: one .npy header (about 128 bytes) and the layout, which names
+    # every array with its dtype and shape (about 20 bytes more than the name).
+    overhead = wire.message_bytes(records) - payload
+    assert sum(len(k) for k in named) < overhead < 200 + sum(len(k) + 40 for k in named)
 
 
 def test_mismatch_names_every_culprit(trainable):
-    good = arrays.arrays_of(arrays.to_arrayrecord(trainable))
+    good = arrays.state_to_arrays(trainable)
     names = sorted(good)
     bad = dict(good)
     del bad[names[0]]

@@ -1,5 +1,5 @@
-"""A site's node (SuperNode + site worker): neither outlives the other or the command, a
-dead worker is restarted, and the SuperNode's idle poll is really capped.
+"""A site's node (SuperNode, SuperExec, site worker): none outlives the others or the
+command, and a dead worker is restarted.
 
 The SuperNodes here point at a port nothing listens on: they keep retrying (as a site does
 while its SuperLink is down), which is all a lifetime test needs, and costs no federation.
@@ -7,7 +7,6 @@ while its SuperLink is down), which is all a lifetime test needs, and costs no f
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfms_jax.flower import channel, node, supernode
+from fedfms_jax.flower import channel, node
 from fedfms_jax.flower.processes import RUN_TAG_ENV, free_port, tagged_processes
 from tests.flower.conftest import REPO
 from tests.flower.test_processes import wait_until
@@ -110,21 +109,3 @@ def test_node_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     assert node.main(["--worker_dir", str(tmp_path), "--", "--insecure"]) == 2
     assert "no --node-config" in capsys.readouterr().err
     assert not (tmp_path / channel.KEY_FILE).exists()
-
-
-def test_the_supernode_idle_sleep_is_capped(monkeypatch):
-    """flwr 1.42 sleeps 3 s between empty pulls and 0.5 s between reply checks, through
-    its module's `time`; if flwr stops doing so, this fails and supernode.py needs a look."""
-    from flwr.supernode import start_client_internal
-
-    source = inspect.getsource(start_client_internal)
-    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
-    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
-    supernode.cap_idle_sleep(0.05)
-    began = time.monotonic()
-    start_client_internal.time.sleep(3)
-    assert time.monotonic() - began < 1.0
-    assert start_client_internal.time.monotonic() > 0  # the rest of `time` is untouched
-    monkeypatch.setenv(supernode.POLL_ENV, "0")
-    with pytest.raises(SystemExit, match="between 0.01 and 3"):
-        supernode.poll_interval()

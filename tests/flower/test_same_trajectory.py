@@ -53,7 +53,7 @@ def flower_run(config, tmp_path) -> dict[str, np.ndarray]:
     run_config = settings.to_run_config()
     server = Server(FakeGrid([InProcessSite(run_config, k) for k in range(2)]), settings)
     server.run()
-    return arrays.arrays_of(server.global_arrays)
+    return dict(server.global_named)
 
 
 def simulate(config) -> dict[str, np.ndarray]:

@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord,
-                      RecordDict)
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedfms_jax.build import build_model
 from fedfms_jax.config import ConfigError
 from fedfms_jax.fed import aggregate
 from fedfms_jax.fed.accounting import Accountant
-from fedfms_jax.flower import arrays, server_app
+from fedfms_jax.flower import arrays, server_app, wire
 from fedfms_jax.flower.server_app import FederationError, Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
 from fedfms_jax.run_log import read_records
@@ -64,10 +63,10 @@ class FakeSite:
                 return Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
             if self.silent:
                 return None
-            new = self.reply_arrays or {k: v.numpy() + np.float32(self.delta)
-                                        for k, v in msg.content["arrays"].items()}
+            new = self.reply_arrays or {k: v + np.float32(self.delta)
+                                        for k, v in wire.unpack(msg.content).items()}
             return Message(RecordDict({
-                "arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+                **wire.pack(new),
                 "metrics": MetricRecord({"num-examples": self.num_train, "loss": 0.5,
                                          "steps": 2, "finite": 1})}), reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord({
@@ -118,7 +117,7 @@ def make_server(grid, tmp_path, num_sites, **changes):
 
 
 def trainable(server):
-    return arrays.arrays_of(server.global_arrays)
+    return dict(server.global_named)
 
 
 def test_fedavg_weighted_by_sample_counts_over_the_trainable_leaves(tmp_path):
@@ -129,14 +128,14 @@ def test_fedavg_weighted_by_sample_counts_over_the_trainable_leaves(tmp_path):
     after = trainable(server)
     sent = sites[0].received[1]
     assert sent.metadata.message_type == "train"
-    assert set(sent.content["arrays"]) == set(before)
+    assert set(wire.unpack(sent.content)) == set(before)
     assert all(name.startswith("mask_decoder.") for name in before)  # decoder mode
     assert list(sent.content["config"]["client-sites"]) == [0, 1]
     for name in before:  # (3 * (w + 1) + 1 * (w - 1)) / 4 = w + 0.5
         np.testing.assert_allclose(after[name], before[name] + 0.5, rtol=1e-6, atol=1e-6)
     record = read_records(tmp_path, "round")[0]
     assert record["sites"] == ["a", "b"] and record["loss"] == {"a": 0.5, "b": 0.5}
-    down = arrays.message_bytes(sent.content["arrays"])
+    down = wire.message_bytes(sent.content)
     assert record["message_bytes"] == {"a": {"down": down, "up": down},
                                        "b": {"down": down, "up": down}}
     assert read_records(tmp_path, "eval")[0]["sites"].keys() == {"a", "b"}
@@ -242,6 +241,24 @@ def test_a_reply_that_does_not_fit_is_a_site_failure(tmp_path):
         server.run()
 
 
+class LayoutlessSite(FakeSite):
+    """Replies with its packed arrays but without their layout."""
+
+    def __call__(self, msg):
+        reply = super().__call__(msg)
+        if msg.metadata.message_type == "train":
+            del reply.content[wire.LAYOUT]
+        return reply
+
+
+def test_a_reply_without_its_layout_is_a_site_failure(tmp_path):
+    grid = FakeGrid([FakeSite(0, "a", 3), LayoutlessSite(1, "b", 1)])
+    server = make_server(grid, tmp_path, 2, rounds=1)
+    with pytest.raises(FederationError, match="at site 1 \\(b, node 1001\\): the reply of "
+                                              "site 1 .* carries no packed arrays"):
+        server.run()
+
+
 def test_connect_is_bounded_and_checks_identities(tmp_path):
     server = make_server(FakeGrid([FakeSite(0, "a", 3)]), tmp_path / "one", 2,
                          connect_timeout=1.0)
@@ -303,7 +320,7 @@ def test_the_server_clips_each_site_and_adds_the_simulators_noise(tmp_path):
         std = jnp.float32(1.0 * 0.5 * 0.75)
         noise = aggregate.gaussian_noise(aggregate.noise_key(key, round_index),
                                          server.like, std)
-        flat_noise = arrays.arrays_of(arrays.to_arrayrecord(noise))
+        flat_noise = arrays.state_to_arrays(noise)
         expected = {k: v + 0.25 / np.sqrt(size) + flat_noise[k] for k, v in expected.items()}
     for name, value in trainable(server).items():
         scale = float(np.max(np.abs(expected[name])))
