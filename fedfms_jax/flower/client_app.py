@@ -9,8 +9,9 @@ The work is done by the site's long-lived worker (worker.py), which keeps the mo
 compiled round and the data stream for the whole run: this adapter forwards the message to
 it over the local channel named by the SuperNode's --node-config 'worker-dir="DIR"'
 (channel.py) and returns its answer. It imports no JAX: it runs in the site's SuperExec
-(superexec.py), or in a fresh flwr-clientapp process per message under a plain SuperNode. Under Flower's simulation runtime (node config 'partition-id'), where the
-ClientApp lives on in its Ray actor, the worker runs in the ClientApp's own process.
+(superexec.py), or in a fresh flwr-clientapp process per message under a plain SuperNode.
+Under Flower's simulation runtime (node config 'partition-id'), where the ClientApp lives
+on in its Ray actor, the worker runs in the ClientApp's own process.
 
 Only trainable weights travel, packed into one array per dtype plus their layout (wire.py),
 unpacked here into named arrays (the worker checks them against its model); the run settings

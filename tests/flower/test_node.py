@@ -44,6 +44,7 @@ def start_node(tmp_path: Path, tag: str) -> subprocess.Popen:
         (tmp_path / "node.log").read_text()
     assert popen.poll() is None, (tmp_path / "node.log").read_text()
     assert wait_until(lambda: process(tag, "fedfms_jax.flower.supernode") is not None)
+    assert wait_until(lambda: process(tag, "fedfms_jax.flower.superexec") is not None)
     return popen
 
 
@@ -68,7 +69,7 @@ def process(tag: str, module: str):
                                  pytest.param("SIGTERM", marks=pytest.mark.slow), "SIGKILL"])
 def test_stopping_the_node_stops_supernode_and_worker(tmp_path, tag, how):
     popen = start_node(tmp_path, tag)
-    assert len(tagged_processes(tag)) >= 3  # node, worker, SuperNode (and its SuperExec)
+    assert len(tagged_processes(tag)) >= 4  # node, worker, SuperNode, SuperExec
     popen.send_signal(getattr(signal, how))
     assert popen.wait(timeout=60) == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -9}[how]
     assert wait_until(lambda: not tagged_processes(tag), timeout=20), tagged_processes(tag)
@@ -82,9 +83,15 @@ def test_a_dead_worker_is_restarted_and_a_dead_supernode_ends_the_node(tmp_path,
         (tmp_path / "node.log").read_text()
     assert "the site worker exited with code -9; restarting it (1 of 5)" in \
         (tmp_path / "node.log").read_text()
+    superexec = process(tag, "fedfms_jax.flower.superexec")
+    superexec.kill()
+    assert wait_until(lambda: (p := process(tag, "fedfms_jax.flower.superexec")) is not None
+                      and p.pid != superexec.pid, timeout=30), (tmp_path / "node.log").read_text()
+    assert "the SuperExec exited with code -9; restarting it (1 of 5)" in \
+        (tmp_path / "node.log").read_text()
     process(tag, "fedfms_jax.flower.supernode").kill()
     assert popen.wait(timeout=60) != 0
-    assert "the SuperNode exited with code -9; stopping the site worker" in \
+    assert "the SuperNode exited with code -9; stopping the site worker and the SuperExec" in \
         (tmp_path / "node.log").read_text()
     assert wait_until(lambda: not tagged_processes(tag), timeout=20), tagged_processes(tag)
 
