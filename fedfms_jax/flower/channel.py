@@ -8,8 +8,8 @@ A worker directory holds what both ends need:
                  socket address allows, a Linux abstract-namespace name derived from the
                  directory instead, still guarded by the key)
 One request per connection: the ClientApp sends a dict, the worker answers a dict. This
-module imports only the standard library: Flower starts a new ClientApp process for every
-message, and the adapter must not pay for JAX.
+module imports only the standard library: the adapter must not pay for JAX (under a plain
+SuperNode, Flower starts a new ClientApp process for every message).
 """
 
 from __future__ import annotations

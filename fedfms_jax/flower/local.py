@@ -6,9 +6,9 @@
 starts `flower-superlink` and N site nodes on 127.0.0.1 (free ports; with --tls, over TLS
 with certificates made for the run): each `python -m fedfms_jax.flower.node`, a SuperNode
 told its site with `--node-config site-index=K` (so that it reads only that site's data)
-and the site's long-lived worker beside it, as a hospital starts its site. N defaults to
-the data's site count, the unseen site included. It then submits the app with `flwr run`
-and prints one line per round as the server finishes it. Every process it started (and
+with its in-process SuperExec and the site's long-lived worker beside it, as a hospital
+starts its site. N defaults to the data's site count, the unseen site included. It then
+submits the app with `flwr run` and prints one line per round as the server finishes it. Every process it started (and
 every process those started) is stopped when it ends -- normally, on error, on Ctrl-C or
 SIGTERM, or after --timeout; killed outright, the kernel stops its children.
 
@@ -36,6 +36,7 @@ import tomli_w
 from absl import app, flags
 from ml_collections import config_flags
 
+from fedfms_jax.compilation_cache import ENV, cache_dir
 from fedfms_jax.config import ConfigError, validate
 from fedfms_jax.flower import bundle, certs
 from fedfms_jax.flower.processes import (RUN_TAG_ENV, ChildExited, Processes, exit_on_signals,
@@ -76,7 +77,7 @@ _WRITE_APP = flags.DEFINE_string("write_app", None, "only write the Flower app d
 _QUIET = flags.DEFINE_bool("quiet", False, "print only the summary")
 
 
-def child_env(home: Path, cache_dir: Path | None) -> dict[str, str]:
+def child_env(home: Path) -> dict[str, str]:
     """Environment of every process of the deployment."""
     venv_bin = str(Path(sys.executable).parent)
     env = {
@@ -89,10 +90,9 @@ def child_env(home: Path, cache_dir: Path | None) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
     }
-    if cache_dir is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        # One cache for the whole deployment (see settings.enable_compilation_cache): the
-        # sites compile the same programs.
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    # Every process of the deployment compiles into the machine's cache (the sites compile
+    # the same programs, and the next run on this machine reads them back).
+    env[ENV] = str(cache_dir())
     return env
 
 
@@ -240,7 +240,7 @@ def deploy(config, num_sites: int, workdir: Path, *, tls: bool = False,
     if timeout is None:
         timeout = connect_timeout + int(config.rounds) * round_timeout + 120
     bundle.write_app(base / "app", settings)
-    env = child_env(home, base / "jax_cache")
+    env = child_env(home)
     # A tag given in the environment (tests) marks this run's processes; else a fresh one.
     tag = os.environ.get(RUN_TAG_ENV) or uuid.uuid4().hex
     printer = RoundPrinter(workdir / "metrics.jsonl", quiet)
