@@ -15,9 +15,10 @@ Workloads (each on the same weights and inputs in both frameworks, see workloads
             the embedding cache and without (JAX against JAX)
   memory    peak resident memory of a fedmsa round for K = 1, 4, 8, one process per case
 
-Plans: --quick (the small variant, under 5 minutes on 2 CPU cores), the default full run
-(adds ViT-B at 1024, batch 1, for the encoder and training step) and --smoke (the tiny
-variant, one repetition, no memory cases: seconds; for tests).
+Plans: --quick (the small variant), the default full run (adds ViT-B at 1024, batch 1, for
+the encoder and training step) and --smoke (the tiny variant, one repetition, no memory
+cases; for the accelerator check's smoke form). --only runs some workloads of a plan (the
+roof always runs: every FLOP/s figure is read against it), e.g. `--smoke --only encoder`.
 
 Prints a table, writes the whole record as JSON under bench/results/ and prints the summary
 (PyTorch time / JAX time ratios and the encoder's fraction of the matmul roof) as the last
@@ -69,6 +70,20 @@ PLANS = {
 }
 
 
+WORKLOADS = ("encoder", "train", "round", "fedfms", "decoder", "memory")
+
+
+def workload_list(text: str) -> tuple[str, ...]:
+    """--only's value: comma-separated names from WORKLOADS."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload(s) {', '.join(unknown) or repr(text)}; known: "
+            f"{', '.join(WORKLOADS)}")
+    return names
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     plan = parser.add_mutually_exclusive_group()
@@ -78,6 +93,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per workload")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory cases")
+    parser.add_argument("--only", type=workload_list, default=WORKLOADS, metavar="W[,W...]",
+                        help=f"run only these workloads ({', '.join(WORKLOADS)}; "
+                             "default: all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: "
                         "bench/results/<time>-<plan>-<device>-<dtype>.json)")
     return parser.parse_args(argv)
@@ -182,7 +200,11 @@ def fmt_table(records: list[dict], memory: list[dict], roof: dict, env: dict,
     return "\n".join(lines)
 
 
-def summarise(records: list[dict], roof: dict, plan: Plan, loads: dict, env: dict) -> dict:
+def summarise(records: list[dict], roof: dict, plan: Plan, loads: dict, env: dict,
+              decoder: dict | None = None, memory: list[dict] = ()) -> dict:
+    """The last line's figures: torch/JAX ratios of the workloads that ran (the least
+    favourable training mode as train_step_speedup), the decoder cache's speedup and
+    memory_ratio (fedmsa round, K = 4) when those ran."""
     def find(prefix):
         return [r for r in records if r["workload"].startswith(prefix)]
 
@@ -212,6 +234,11 @@ def summarise(records: list[dict], roof: dict, plan: Plan, loads: dict, env: dic
     if rounds:
         summary["round_speedup"] = rounds[-1]["speedup"]
         summary["round_clients"] = rounds[-1]["clients"]
+    if decoder is not None:
+        summary["decoder_cache_speedup"] = decoder["speedup"]
+    ratio = memory_ratio(list(memory), clients=4)
+    if ratio is not None:
+        summary["memory_ratio"] = ratio
     summary["roof_gflops"] = {k: v / 1e9 for k, v in roof.items()}
     summary["load_average"] = loads
     summary["threads"] = {"torch": env["torch_threads"], "xla": env["usable_cores"]}
@@ -272,30 +299,34 @@ def main(argv: list[str] | None = None) -> int:
     if plan.big:
         variants.append((plan.big, 1, plan.big_reps))
     for variant, batch, reps in variants:
-        add(w.encoder_forward(variant, batch, bench_env), reps)
-        for mode in modes:
+        if "encoder" in args.only:
+            add(w.encoder_forward(variant, batch, bench_env), reps)
+        for mode in modes if "train" in args.only else ():
             add(w.train_step(variant, mode, batch, bench_env), reps)
     round_mode = "fedmsa"
-    for clients in plan.round_clients:
+    for clients in plan.round_clients if "round" in args.only else ():
         add(w.fed_round(plan.small, round_mode, clients, plan.round_steps, plan.round_batch,
                         bench_env), plan.reps)
-    add(w.fedfms_protocol(plan.small, round_mode, plan.fedfms_batch, bench_env,
-                          plan.fedfms_scale), plan.reps)
-    decoder_fns, decoder_first = w.decoder_rounds(plan.small, plan.fedfms_batch,
-                                                  plan.decoder_per_site)
-    decoder = measure(decoder_fns, plan.reps)
-    decoder = {"workload": f"decoder round {plan.small}", "first_round_s": decoder_first,
-               **{name: t.to_json() for name, t in decoder.items()},
-               "speedup": decoder["uncached"].median / decoder["cached"].median,
-               "speedup_best": decoder["uncached"].min / decoder["cached"].min}
-    print(f"  {decoder['workload']}: cached {decoder['cached']['median_s']:.3f} s, uncached "
-          f"{decoder['uncached']['median_s']:.3f} s", flush=True)
+    if "fedfms" in args.only:
+        add(w.fedfms_protocol(plan.small, round_mode, plan.fedfms_batch, bench_env,
+                              plan.fedfms_scale), plan.reps)
+    decoder = None
+    if "decoder" in args.only:
+        decoder_fns, decoder_first = w.decoder_rounds(plan.small, plan.fedfms_batch,
+                                                      plan.decoder_per_site)
+        decoder = measure(decoder_fns, plan.reps)
+        decoder = {"workload": f"decoder round {plan.small}", "first_round_s": decoder_first,
+                   **{name: t.to_json() for name, t in decoder.items()},
+                   "speedup": decoder["uncached"].median / decoder["cached"].median,
+                   "speedup_best": decoder["uncached"].min / decoder["cached"].min}
+        print(f"  {decoder['workload']}: cached {decoder['cached']['median_s']:.3f} s, "
+              f"uncached {decoder['uncached']['median_s']:.3f} s", flush=True)
     roof_now()
     roof = {name: max(values) for name, values in roofs.items()}
     records = [row(pair, timings, roof) for pair, timings in records]
 
     memory = []
-    if plan.memory_clients and not args.no_memory:
+    if plan.memory_clients and not args.no_memory and "memory" in args.only:
         from bench.memory import run_case
 
         for clients in plan.memory_clients:
@@ -307,14 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  memory {framework} K={clients}: {memory[-1]}", flush=True)
     loads["end"] = load_average()
 
-    summary = summarise(records, roof, plan, loads, env)
-    summary["decoder_cache_speedup"] = decoder["speedup"]
-    ratio = memory_ratio(memory, clients=4)
-    if ratio is not None:
-        summary["memory_ratio"] = ratio
+    summary = summarise(records, roof, plan, loads, env, decoder, memory)
     summary["dtype"] = args.dtype
     summary["wall_s"] = time.perf_counter() - started
     result = {"environment": env, "plan": dataclasses.asdict(plan), "dtype": args.dtype,
+              "workloads_run": list(args.only),
               "roof_flops_per_s": roof, "roof_runs": roofs, "workloads": records,
               "decoder_cache": decoder, "memory": memory, "summary": summary}
     out = args.out or RESULTS / (f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{plan.name}-"
@@ -323,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     print()
     print(fmt_table(records, memory, roof, env, loads))
-    print(f"\ndecoder-mode round (JAX, whole training path): cached "
-          f"{decoder['cached']['median_s']:.3f} s, uncached {decoder['uncached']['median_s']:.3f}"
-          f" s: {decoder['speedup']:.2f}x")
+    if decoder is not None:
+        print(f"\ndecoder-mode round (JAX, whole training path): cached "
+              f"{decoder['cached']['median_s']:.3f} s, uncached "
+              f"{decoder['uncached']['median_s']:.3f} s: {decoder['speedup']:.2f}x")
     print(f"\nwritten {out}")
     print(json.dumps(summary))
     return 0

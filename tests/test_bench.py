@@ -1,7 +1,10 @@
-"""The benchmark harness runs end to end on its smallest plan and reports what it promises.
+"""The benchmark harness runs end to end and reports what it promises.
 
-bench.run --smoke (tiny variant, one repetition, no memory cases) in a subprocess, with
-XLA's cheap compilation settings: the numbers are meaningless, the record's shape is not.
+Default suite: bench.run's smallest run (--smoke --only encoder: the roof and the tiny
+encoder, seconds) in a subprocess with XLA's cheap compilation settings, whose numbers are
+meaningless but whose record is not, and the summary's figures from given records. The
+accelerator check's whole smoke form (bench/device.sh: parity, every workload, the memory
+cases; ~3 minutes on 2 quiet cores, mostly compiling the rounds) is @slow.
 """
 
 from __future__ import annotations
@@ -12,17 +15,103 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import run as bench_run
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true "
                       "--xla_cpu_use_fusion_emitters=false")
 
 
+def fast_env() -> dict:
+    return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}",
+                PYTHON=sys.executable)
+
+
+def test_smallest_run_writes_its_record_and_prints_the_summary_last(tmp_path):
+    out = tmp_path / "bench.json"
+    env = fast_env()
+    env.pop("OMP_WAIT_POLICY", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--only", "encoder",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    record = json.loads(out.read_text())
+    assert record["summary"] == summary
+    assert record["workloads_run"] == ["encoder"]
+    assert [r["workload"] for r in record["workloads"]] == ["encoder tiny fwd"]
+    (encoder,) = record["workloads"]
+    assert encoder["batch"] == bench_run.PLANS["smoke"].small_batch and encoder["flops"] > 0
+    for framework in ("jax", "torch"):
+        timing = encoder[framework]
+        assert len(timing["times_s"]) == 1 and all(t > 0 for t in timing["times_s"])
+        assert 0 < timing["roof_fraction"], timing
+    assert encoder["jax_compile_s"] > 0
+    assert summary["encoder_speedup"] == pytest.approx(
+        encoder["torch"]["median_s"] / encoder["jax"]["median_s"])
+    assert summary["encoder_variant"] == "tiny" and summary["plan"] == "smoke"
+    # Only what ran is summarised: no training, round or memory figure from nothing.
+    assert not {"train_step_speedup", "fedfms_round_speedup", "decoder_cache_speedup",
+                "memory_ratio"} & set(summary), sorted(summary)
+    environment = record["environment"]
+    assert environment["torch_threads"] == environment["usable_cores"]
+    assert environment["omp_wait_policy"] == "PASSIVE"
+    assert len(summary["load_average"]["start"]) == len(summary["load_average"]["end"]) == 3
+
+
+def test_only_names_the_unknown_workload(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.parse_args(["--smoke", "--only", "encoder,trian"])
+    assert exit_info.value.code == 2
+    assert "trian" in capsys.readouterr().err
+    assert bench_run.parse_args(["--only", " train , fedfms"]).only == ("train", "fedfms")
+
+
+def timing(median):
+    return {"median_s": median, "min_s": median, "times_s": [median]}
+
+
+def test_summary_reads_each_target_figure_from_its_workload():
+    plan = bench_run.PLANS["quick"]
+    records = [
+        {"workload": "encoder small fwd", "variant": "small", "speedup": 0.9,
+         "jax": {**timing(0.1), "roof_fraction": 0.5}, "torch": {**timing(0.09)}},
+        {"workload": "train step fedsam small", "variant": "small", "mode": "fedsam",
+         "speedup": 1.4},
+        {"workload": "train step fedmsa small", "variant": "small", "mode": "fedmsa",
+         "speedup": 0.8},
+        {"workload": "round fedmsa small K=8", "clients": 8, "speedup": 1.1},
+        {"workload": "round fedmsa small K=4", "clients": 4, "speedup": 1.2},
+        {"workload": "fedfms round fedmsa small K=6", "clients": 6, "speedup": 1.7,
+         "masked_work": 0.0},
+    ]
+    memory = [
+        {"framework": "jax", "clients": 4, "baseline_mb": 400, "peak_mb": 1000},
+        {"framework": "torch", "clients": 4, "baseline_mb": 300, "peak_mb": 700},
+        {"framework": "jax", "clients": 8, "baseline_mb": 400, "peak_mb": 9000},
+        {"framework": "torch", "clients": 1, "error": "timed out"},
+    ]
+    env = {"device": "cpu", "torch_threads": 2, "usable_cores": 2}
+    summary = bench_run.summarise(records, {"jax": 1e11, "torch": 1e11}, plan, {}, env,
+                                  {"speedup": 6.5}, memory)
+    # The least favourable training mode; the largest K for the round.
+    assert summary["train_step_speedup"] == 0.8
+    assert (summary["round_speedup"], summary["round_clients"]) == (1.1, 8)
+    assert summary["fedfms_round_speedup"] == 1.7 and summary["fedfms_masked_work"] == 0.0
+    assert summary["decoder_cache_speedup"] == 6.5
+    # Each round's own memory (peak minus the process's baseline), K = 4 only.
+    assert summary["memory_ratio"] == pytest.approx(600 / 400)
+    assert bench_run.memory_ratio(memory, clients=1) is None  # the torch case failed
+
+
+@pytest.mark.slow
 def test_device_check_smoke_form_writes_parity_timings_and_memory(tmp_path):
     """bench/device.sh --device cpu --smoke: the accelerator check's script end to end
     (parity, bench.run --smoke, the memory cases), as a lent GPU machine runs it."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}",
-               PYTHON=sys.executable)
+    env = fast_env()
     proc = subprocess.run(["bash", "bench/device.sh", str(tmp_path), "--device", "cpu",
                            "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
