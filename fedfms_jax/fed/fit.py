@@ -18,7 +18,9 @@ JAX's compilation caches, so the first round does not compile it again.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -108,6 +110,20 @@ def _meminfo_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def release_free_heap() -> bool:
+    """Hands the heap's free pages back to the OS (glibc's malloc_trim). XLA's compiler frees
+    hundreds of MB after each compile, which glibc otherwise keeps in the process's resident
+    memory (measured: fitting a small-variant fedmsa round of K = 4, 1,024 -> 706 MB RSS).
+    False where there is no glibc (nothing to do there)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    gc.collect()  # the candidate layouts' executables, compiled and not kept
+    trim(0)
+    return True
+
+
 def candidate_widths(num_clients: int, num_devices: int) -> list[int]:
     """Clients at once worth trying, widest first: multiples of the device count up to all
     clients, each the narrowest width that needs that many chunks (so no width pads more)."""
@@ -172,4 +188,4 @@ def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
 
 
 __all__ = ["HEADROOM", "HOST_SHARE", "DoesNotFit", "Layout", "MemoryNeed", "available_memory",
-           "candidate_widths", "choose_layout", "policy"]
+           "candidate_widths", "choose_layout", "policy", "release_free_heap"]

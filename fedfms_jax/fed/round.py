@@ -437,6 +437,7 @@ class Federation:
                                    **fit.policy(mesh.devices.flat[0].platform))
         federation = make(layout.remat, layout.clients_per_step)
         federation.layout = layout
+        fit.release_free_heap()  # what the candidates' compiles left on the heap
         return federation
 
     # --- state -------------------------------------------------------------------------
