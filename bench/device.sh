@@ -5,7 +5,8 @@
 #
 #   bench/device.sh OUT [--device gpu|cpu] [--smoke]
 #
-# --smoke: the tiny variant everywhere (seconds of work; what the test suite runs on CPU).
+# --smoke: the tiny variant everywhere (~3 minutes on 2 CPU cores, mostly compiling; what
+# `make test-slow` runs on CPU, tests/test_bench.py).
 # The lent GPU machines' image has jax (CUDA), flax, optax, orbax and torch but not every
 # pure-Python package this project imports; carry those as wheels in .whl/ (see
 # /work/.library/device/README.md), e.g.
