@@ -1,9 +1,9 @@
 """The benchmark harness runs end to end and reports what it promises.
 
 Default suite: bench.run's smallest run (--smoke --only encoder: the roof and the tiny
-encoder, seconds) in a subprocess, which inherits the suite's cheap XLA compile settings
-(tests/conftest.py): its numbers are meaningless, its record is not; and the summary's
-figures from given records. The
+encoder, seconds) in a subprocess with XLA's cheap compile settings (only the benchmark
+process gets them: they would break decoder mode's bit-identity tests): its numbers are
+meaningless, its record is not; and the summary's figures from given records. The
 accelerator check's whole smoke form (bench/device.sh: parity, every workload, the memory
 cases; ~3 minutes on 2 quiet cores, mostly compiling the rounds) is @slow.
 """
@@ -21,11 +21,15 @@ import pytest
 from bench import run as bench_run
 
 ROOT = Path(__file__).resolve().parent.parent
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
 
 
 def fast_env() -> dict:
-    """The suite's environment (conftest's XLA flags included) for a subprocess."""
-    return dict(os.environ, PYTHON=sys.executable)
+    """The suite's environment plus XLA's cheap compile settings, for a subprocess."""
+    return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}",
+                PYTHON=sys.executable)
 
 
 def test_smallest_run_writes_its_record_and_prints_the_summary_last(tmp_path):
