@@ -40,15 +40,22 @@ class _CappedSleep:
         return getattr(time, name)
 
 
-def poll_interval() -> float:
-    raw = os.environ.get(POLL_ENV, "")
+def seconds_from_env(name: str, default: float, low: float, high: float) -> float:
+    """Seconds from environment variable `name` (`default` when unset); a value that is not
+    a number in [low, high] exits naming the variable."""
+    raw = os.environ.get(name, "")
     try:
-        poll = float(raw) if raw else DEFAULT_POLL
+        seconds = float(raw) if raw else default
     except ValueError:
-        poll = -1.0
-    if not 0.01 <= poll <= 3.0:
-        raise SystemExit(f"error: {POLL_ENV}={raw!r}: give seconds between 0.01 and 3")
-    return poll
+        seconds = -1.0
+    if not low <= seconds <= high:
+        raise SystemExit(f"error: {name}={raw!r}: give seconds between {low:g} and {high:g}")
+    return seconds
+
+
+def poll_interval() -> float:
+    """The SuperNode's capped idle sleep (FEDFMS_SUPERNODE_POLL)."""
+    return seconds_from_env(POLL_ENV, DEFAULT_POLL, 0.01, 3.0)
 
 
 def cap_idle_sleep(poll: float) -> None:

@@ -30,20 +30,15 @@ import time
 from logging import DEBUG, ERROR, INFO
 from pathlib import Path
 
+from fedfms_jax.flower.polling import seconds_from_env
+
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_POLL = 0.05
 
 
 def poll_interval() -> float:
-    raw = os.environ.get(SUPEREXEC_POLL_ENV, "")
-    try:
-        poll = float(raw) if raw else DEFAULT_POLL
-    except ValueError:
-        poll = -1.0
-    if not 0.01 <= poll <= 60.0:
-        raise SystemExit(f"error: {SUPEREXEC_POLL_ENV}={raw!r}: give seconds between 0.01 "
-                         "and 60")
-    return poll
+    """Seconds between AcquireTask polls (FLWR_SUPEREXEC_TASK_POLL_INTERVAL)."""
+    return seconds_from_env(SUPEREXEC_POLL_ENV, DEFAULT_POLL, 0.01, 60.0)
 
 
 class SuperExec:

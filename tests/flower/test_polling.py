@@ -58,3 +58,16 @@ def test_an_object_not_there_yet_is_pulled_again_at_once(monkeypatch):
     assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
     assert len(tries) == 3 and time.monotonic() - began < 0.8  # 0.05 + 0.1 s, with jitter
     assert functions[1].__kwdefaults__["initial_backoff"] == polling.PULL_INITIAL_BACKOFF
+
+
+@pytest.mark.parametrize("raw", ["fast", "0", "100"])
+def test_a_bad_poll_setting_exits_naming_the_variable(monkeypatch, raw):
+    from fedfms_jax.flower import superexec
+
+    for variable, read in ((polling.POLL_ENV, polling.poll_interval),
+                           (superexec.SUPEREXEC_POLL_ENV, superexec.poll_interval)):
+        monkeypatch.setenv(variable, raw)
+        with pytest.raises(SystemExit, match=f"{variable}='{raw}'"):
+            read()
+        monkeypatch.delenv(variable)
+        assert read() in (polling.DEFAULT_POLL, superexec.DEFAULT_POLL)
