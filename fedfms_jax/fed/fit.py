@@ -168,23 +168,32 @@ def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
     order = ([(mode, width) for width in widths for mode in modes] if prefer == "width"
              else [(mode, width) for mode in modes for width in widths])
     needs: dict[tuple[str, int], MemoryNeed] = {}
+    least = None  # (bytes, mode, width, compiled?) of the leanest candidate seen
     for mode, width in order:
         if (mode, widest) not in needs:
             needs[mode, widest] = measure(mode, widest)
         full = needs[mode, widest]
         # The activations scale with the clients at once; the state and batches do not.
-        if full.total - full.temporaries * (1 - width / widest) > budget:
+        estimate = full.total - full.temporaries * (1 - width / widest)
+        if estimate > budget:
+            if least is None or estimate < least[0]:
+                least = (estimate, mode, width, False)
             continue
         if (mode, width) not in needs:
             needs[mode, width] = measure(mode, width)
-        if needs[mode, width].total <= budget:
-            return Layout(mode, width, num_clients, needs[mode, width].total, free, True)
-    smallest = min(needs.values(), key=lambda n: n.total)
+        total = needs[mode, width].total
+        if total <= budget:
+            return Layout(mode, width, num_clients, total, free, True)
+        if least is None or total < least[0]:
+            least = (total, mode, width, True)
+    need, mode, width, compiled = least
     raise DoesNotFit(
-        f"one round does not fit in memory: {free / GB:.1f} GB free ({headroom:.0%} of it "
-        f"planned for), and even the leanest layout tried needs about "
-        f"{smallest.total / GB:.1f} GB; lower data.batch_size or train.steps_per_segment, "
-        f"or use a smaller model.variant")
+        f"one round does not fit in memory: {free / GB:.1f} GB free ({headroom:.0%} of it, "
+        f"{budget / GB:.1f} GB, planned for), and the leanest layout, {width} client(s) at "
+        f"once with model.remat={mode}, needs about {need / GB:.1f} GB "
+        f"({'compiled' if compiled else 'estimated from the widest layout compiled'}); "
+        "lower data.batch_size or train.steps_per_segment, use a smaller model.variant, or "
+        "free memory")
 
 
 __all__ = ["HEADROOM", "HOST_SHARE", "DoesNotFit", "Layout", "MemoryNeed", "available_memory",

@@ -81,8 +81,11 @@ def test_fixed_settings_are_kept():
 
 def test_nothing_fits_is_a_clear_error():
     measure, _ = fake_measure(TEMP, fixed=8.0)
-    with pytest.raises(fit.DoesNotFit, match=r"10\.0 GB free.*data\.batch_size"):
+    with pytest.raises(fit.DoesNotFit, match=r"10\.0 GB free.*data\.batch_size") as refused:
         fit.choose_layout(measure, 2, 1, available=10 * GB)
+    # The narrowest layout of the leanest mode, estimated: 8 GB fixed + 4.2 GB of one client.
+    assert "1 client(s) at once with model.remat=full, needs about 12.2 GB" in str(
+        refused.value), refused.value
 
 
 def test_candidate_widths_are_device_multiples_without_extra_padding():
