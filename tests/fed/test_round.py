@@ -188,6 +188,7 @@ def test_fedprox(run):
         assert drift(snapshot(state)) < 0.9 * drift(plain)
 
 
+@pytest.mark.slow  # a third compile of the training step (~1.5 min); resume at 1e-8 is default
 def test_equivalences_hold_at_the_production_adam_eps(run):
     """FedFMS's Adam eps 1e-8: vmap = the sequential reference and FedProx = its proximal
     gradient, one round from the standard run's first state. At this eps Adam turns the

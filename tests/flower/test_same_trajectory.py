@@ -75,13 +75,14 @@ def simulate(config) -> dict[str, np.ndarray]:
 CHAOTIC = "k_proj.bias"
 
 
-# Each case is two tiny-SAM trainings (~1 min on 2 cores): the default suite keeps the one
-# whose server step amplifies differences most (FedAdam, FedProx at server_lr 1e-2); the
-# others run with `make test-slow`.
+# Each case is two tiny-SAM trainings (1-2 min on 2 cores), so all run with `make test-slow`;
+# the default suite's loopback test (test_deployment.py) holds Flower to the simulator's
+# weights for the default server.
+@pytest.mark.slow
 @pytest.mark.parametrize("server, hyper", [
-    pytest.param("none", {}, marks=pytest.mark.slow),
-    pytest.param("fedavgm", {"train.client_fraction": 0.5}, marks=pytest.mark.slow),
-    pytest.param("fedadam", {}, marks=pytest.mark.slow),
+    ("none", {}),
+    ("fedavgm", {"train.client_fraction": 0.5}),
+    ("fedadam", {}),
     ("fedadam", {"train.server_lr": 1e-2, "algorithm": "fedprox"}),
 ])
 def test_flower_trains_the_simulators_trajectory(tmp_path, server, hyper):
