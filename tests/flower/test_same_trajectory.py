@@ -76,8 +76,8 @@ CHAOTIC = "k_proj.bias"
 
 
 # Each case is two tiny-SAM trainings (1-2 min on 2 cores), so all run with `make test-slow`;
-# the default suite's loopback test (test_deployment.py) holds Flower to the simulator's
-# weights for the default server.
+# the default suite's loopback test (test_deployment.py) holds real-process Flower to the
+# simulator's weights (FedAdam server, three rounds).
 @pytest.mark.slow
 @pytest.mark.parametrize("server, hyper", [
     ("none", {}),
