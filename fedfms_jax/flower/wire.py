@@ -19,6 +19,7 @@ module imports only numpy and flwr: the ClientApp adapter uses it and must not p
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -67,8 +68,8 @@ def unpack_flat(flat: Mapping[str, np.ndarray], layout: str,
     except (ValueError, TypeError) as error:
         raise WireError(f"{source}: the array layout does not parse ({error}); expected "
                         "JSON [[name, dtype, [dims...]], ...]") from None
-    names = [name for name, _, _ in parsed]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(name for name, _, _ in parsed)
+    twice = sorted(n for n, count in counts.items() if count > 1)
     if twice:
         raise WireError(f"{source}: the array layout names {twice[:5]} more than once")
     offsets = {dtype: 0 for dtype in flat}
