@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from fedfms_jax.models.common import gelu
+from fedfms_jax.models.common import dense, gelu
 
 
 class AdapterParam(nnx.Param):
@@ -48,7 +48,7 @@ class AdapterLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, kernel, bias = promote_dtype(
             (x, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        return x @ kernel + bias
+        return dense(x, kernel) + bias
 
 
 class Adapter(nnx.Module):
@@ -90,4 +90,4 @@ class QkvLoRA(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: f32[..., D] -> f32[..., 3D]."""
         x, a, b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
-        return self.scaling * ((x @ a) @ b)
+        return self.scaling * dense(dense(x, a), b)

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.adapters import Adapter, QkvLoRA
-from fedfms_jax.models.common import MLPBlock, gelu, layer_norm, softmax_f32
+from fedfms_jax.models.common import Linear, MLPBlock, dense, gelu, layer_norm, softmax_f32
 from fedfms_jax.models.variants import SamConfig
 
 VIT_LAYER_NORM_EPS = 1e-6
@@ -82,10 +82,10 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim ** -0.5
-        self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.qkv = Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.qkv_lora = (QkvLoRA(dim, 3 * dim, lora_rank, lora_alpha, dtype=dtype, rngs=rngs)
                          if lora_rank else None)
-        self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.proj = Linear(dim, dim, dtype=dtype, rngs=rngs)
         # Zero like the official init; pretrained checkpoints fill them.
         self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim)))
         self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim)))
@@ -232,7 +232,7 @@ class ImageEncoder(nnx.Module):
         patches = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, height // p, width // p, p * p * c).astype(dtype)
         kernel = conv.kernel[...].astype(dtype).reshape(p * p * c, -1)  # [p, p, c, D] row-major
-        return patches @ kernel + conv.bias[...].astype(dtype)
+        return dense(patches, kernel) + conv.bias[...].astype(dtype)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images: f32[B, S, S, 3] -> image_embeddings f32[B, S/p, S/p, prompt_embed_dim]."""

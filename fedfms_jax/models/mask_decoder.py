@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedfms_jax.models.common import MLPBlock, gelu, layer_norm, softmax_f32
+from fedfms_jax.models.common import Linear, MLPBlock, dense, gelu, layer_norm, softmax_f32
 from fedfms_jax.models.variants import SamConfig
 
 TRANSFORMER_LAYER_NORM_EPS = 1e-5  # torch's default: the decoder uses plain nn.LayerNorm
@@ -26,10 +26,10 @@ class Attention(nnx.Module):
         if internal_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the internal width {internal_dim}")
         self.num_heads = num_heads
-        self.q_proj = nnx.Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
-        self.k_proj = nnx.Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
-        self.v_proj = nnx.Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
-        self.out_proj = nnx.Linear(internal_dim, embedding_dim, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(embedding_dim, internal_dim, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(internal_dim, embedding_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """q: f32[B, Nq, C], k and v: f32[B, Nk, C] -> f32[B, Nq, C]."""
@@ -109,13 +109,27 @@ class MLP(nnx.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *,
                  dtype, rngs: nnx.Rngs):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Linear(a, b, dtype=dtype, rngs=rngs)
                                 for a, b in zip(dims[:-1], dims[1:])])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))
         return self.layers[-1](x)
+
+
+def upsample_2x2(conv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+    """A 2x2 transposed convolution of stride 2 (`conv`'s weights) as the matmul it is:
+    x f32[B, h, w, C] -> f32[B, 2h, 2w, O]. Each output pixel gets one input pixel's
+    contribution, so this is the same sum as the convolution; XLA's CPU backend runs the
+    convolution's gradients ~10x slower than these matmuls'."""
+    b, h, w, c = x.shape
+    dtype = conv.dtype or x.dtype
+    # kernel [2, 2, O, C] (torch's [C, O, 2, 2] transposed, weights/convert.py) -> [C, 2*2*O]
+    kernel = conv.kernel[...].astype(dtype)
+    out = dense(x.astype(dtype), kernel.transpose(3, 0, 1, 2).reshape(c, -1))
+    out = out.reshape(b, h, w, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)
+    return out + conv.bias[...].astype(dtype)
 
 
 class MaskDecoder(nnx.Module):
@@ -143,8 +157,8 @@ class MaskDecoder(nnx.Module):
 
     def upscale(self, image: jax.Array) -> jax.Array:
         """f32[B, h, w, C] -> f32[B, 4h, 4w, C/8]."""
-        x = gelu(self.upscale_norm(self.upscale_conv1(image)))
-        return gelu(self.upscale_conv2(x))
+        x = gelu(self.upscale_norm(upsample_2x2(self.upscale_conv1, image)))
+        return gelu(upsample_2x2(self.upscale_conv2, x))
 
     def predict_masks(self, image_embeddings: jax.Array, image_pe: jax.Array,
                       sparse_prompt_embeddings: jax.Array,
