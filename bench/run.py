@@ -28,10 +28,12 @@ line of output.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -262,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps is not None:
         plan = dataclasses.replace(plan, reps=args.reps, big_reps=args.reps)
     setup_frameworks(args.device)
+    # The run's own compilation cache (the memory cases' processes reuse its programs).
     cache_dir = tempfile.mkdtemp(prefix="bench-xla-cache-")
+    atexit.register(shutil.rmtree, cache_dir, True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
 
     import torch

@@ -34,7 +34,9 @@ def fast_env() -> dict:
 
 def test_smallest_run_writes_its_record_and_prints_the_summary_last(tmp_path):
     out = tmp_path / "bench.json"
-    env = fast_env()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(fast_env(), TMPDIR=str(scratch))
     env.pop("OMP_WAIT_POLICY", None)
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--only", "encoder",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
@@ -43,6 +45,7 @@ def test_smallest_run_writes_its_record_and_prints_the_summary_last(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     record = json.loads(out.read_text())
     assert record["summary"] == summary
+    assert not list(scratch.iterdir()), "the run left its compilation cache behind"
     assert record["workloads_run"] == ["encoder"]
     assert [r["workload"] for r in record["workloads"]] == ["encoder tiny fwd"]
     (encoder,) = record["workloads"]
