@@ -17,12 +17,12 @@ import torch
 from flax import nnx
 
 from bench import torch_reference as ref
+from bench.workloads import Env, build_models, to_torch
 from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
-from fedfms_jax.models import Sam, get_config
+from fedfms_jax.models import get_config
 from fedfms_jax.models.common import dense
 from fedfms_jax.weights_file import flat_path
-from fedfms_jax_reference.fedfms import build_torch_fedfms
 from fedfms_jax_reference.sam import state_dict_numpy
 from tests.fed.helpers import shift_invariant
 from tests.numerics import (EPS32, NOISE_FACTOR, assert_matches_reference, float64_copy,
@@ -50,11 +50,9 @@ def torch_gradients(model: torch.nn.Module, variant: str, mode: str, images: np.
     """FedFMS's loss gradients of the official model, as Flax-named tensors."""
     ref.set_trainable(model, mode)
     model.zero_grad(set_to_none=True)
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(np.ascontiguousarray(targets.transpose(0, 3, 1, 2)))
-    x, y = x.to(next(model.parameters()).dtype), y.to(next(model.parameters()).dtype)
-    criterion = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(ref.POS_WEIGHT, dtype=x.dtype))
-    criterion(ref.segment(model, x), y).backward()
+    dtype = next(model.parameters()).dtype
+    x, y = to_torch(images, Env()).to(dtype), to_torch(targets, Env()).to(dtype)
+    ref.loss_fn().to(dtype)(ref.segment(model, x), y).backward()
     # Converted as a state_dict is (the conversion only transposes and renames), with the
     # frozen tensors' places taken by zeros.
     grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
@@ -71,14 +69,9 @@ def test_loss_gradients_match_pytorch(mode):
     images = rng.normal(size=(2, config.image_size, config.image_size, 3)).astype(np.float32)
     targets = (rng.uniform(size=(2, config.low_res_size, config.low_res_size, 1)) < 0.3
                ).astype(np.float32)
-    model32 = build_torch_fedfms(config, 0)
+    model32, sam = build_models(config, Env())
     model64 = float64_copy(model32)
-
-    tensors, _ = torch_to_flax(state_dict_numpy(model32), config.variant, report=lambda *_: None)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0))))
-    for path, variable in nnx.to_flat_state(state):
-        variable.set_value(jnp.asarray(tensors[flat_path(path)]))
-    graphdef, trainable, frozen = split(nnx.merge(graphdef, state), mode)
+    graphdef, trainable, frozen = split(sam, mode)
 
     def loss(params):
         model = nnx.merge(graphdef, params, frozen)
