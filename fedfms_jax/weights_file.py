@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,6 +31,15 @@ class WeightsError(ValueError):
 def flat_path(path: tuple) -> str:
     """('image_encoder', 'blocks', 0, 'attn', 'qkv', 'kernel') -> 'image_encoder.blocks.0.attn.qkv.kernel'."""
     return ".".join(str(part) for part in path)
+
+
+def flat_arrays(tree) -> dict[str, Any]:
+    """Weights as nested dicts (`partition.split`'s pieces, their gradients) or an nnx.State
+    -> {flat path: leaf}, in pytree leaf order."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    return {flat_path(tuple(key.key for key in path)): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def flat_state(model: nnx.Module) -> dict[str, jax.Array]:

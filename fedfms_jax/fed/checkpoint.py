@@ -33,7 +33,11 @@ import orbax.checkpoint as ocp
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.fed.round import Federation, FedState
 
-FORMAT = "fedfms_jax.fed/1"
+FORMAT = "fedfms_jax.fed/2"
+# Format 1 held the weights as nnx.States: every weight and optimizer-moment array name, and
+# every frozen path in the fingerprint, ended in ".value". Still read: a run saved by it
+# resumes.
+_LEGACY = {"fedfms_jax.fed/1": ".value"}
 
 
 class CheckpointMismatch(ValueError):
@@ -51,7 +55,7 @@ class Restored:
 
 
 def _flat(tree) -> dict[str, Any]:
-    """A pytree -> {'client_params.mask_decoder.iou_token.embedding.value': leaf, ...}."""
+    """A pytree -> {'client_params.mask_decoder.iou_token.embedding': leaf, ...}."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
 
@@ -76,16 +80,25 @@ def run_signature(federation: Federation) -> dict:
             "client_names": list(federation.client_names)}
 
 
-def frozen_fingerprint(frozen) -> str:
+def frozen_fingerprint(frozen, suffix: str = "") -> str:
     """sha256 of frozen weights (paths, dtypes, shapes, bytes). Checkpoints hold only what
     training changes; this tells whether a resumed run froze the same (e.g. pretrained)
-    weights."""
+    weights. suffix: what an older format appended to every path (_LEGACY)."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]:
         value = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
+        name = jax.tree_util.keystr(path) + suffix
+        digest.update(f"{name}|{value.dtype}|{value.shape}".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
     return digest.hexdigest()
+
+
+def _saved_names(expected: dict[str, Any], saved: dict[str, list], suffix: str
+                 ) -> dict[str, str]:
+    """Each array's name in a checkpoint: its own, or with an older format's `suffix` where
+    the checkpoint has that name instead (the weights and moments of format 1)."""
+    return {k: k + suffix if suffix and k not in saved and k + suffix in saved else k
+            for k in expected}
 
 
 def _spec(flat: dict[str, Any]) -> dict[str, list]:
@@ -101,18 +114,18 @@ class FedCheckpointer:
     def __init__(self, directory, federation: Federation, *, max_to_keep: int | None = 3,
                  async_save: bool = True):
         self.federation = federation
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
         self.manager = ocp.CheckpointManager(
             directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True))
 
-    @property
-    def frozen_sha256(self) -> str:
-        """The federation's frozen fingerprint, computed once, on the host."""
-        if self._fingerprint is None:
-            self._fingerprint = frozen_fingerprint(self.federation.frozen)
-        return self._fingerprint
+    def frozen_sha256(self, suffix: str = "") -> str:
+        """The federation's frozen fingerprint (as a format with this path suffix wrote
+        it), computed once, on the host."""
+        if suffix not in self._fingerprints:
+            self._fingerprints[suffix] = frozen_fingerprint(self.federation.frozen, suffix)
+        return self._fingerprints[suffix]
 
     def save(self, state: FedState, *, data_state: dict | None = None,
              ledger: CommLedger | None = None, run_config: dict | None = None,
@@ -124,7 +137,7 @@ class FedCheckpointer:
         fed = self.federation
         arrays = _flat(_real_clients(state, fed.num_clients))
         meta = {"format": FORMAT, "round": int(state.round), **run_signature(fed),
-                "frozen_sha256": self.frozen_sha256,
+                "frozen_sha256": self.frozen_sha256(),
                 "fed_config": fed.config.to_json(), "arrays": _spec(arrays),
                 "run_config": run_config, "data_state": data_state or {},
                 "ledger": None if ledger is None else ledger.to_json()}
@@ -162,12 +175,15 @@ class FedCheckpointer:
         meta = self.read_meta(step)
         template = _real_clients(like, fed.num_clients)
         expected = _flat(template)
-        self._check(meta, _spec(expected), step, check_frozen)
-        targets = {k: np.zeros(np.shape(v), v.dtype) for k, v in expected.items()}
+        suffix = _LEGACY.get(meta.get("format"), "")
+        names = _saved_names(expected, meta.get("arrays", {}), suffix)
+        self._check(meta, {names[k]: v for k, v in _spec(expected).items()}, step,
+                    check_frozen)
+        targets = {names[k]: np.zeros(np.shape(v), v.dtype) for k, v in expected.items()}
         arrays = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(targets))).state
         treedef = jax.tree.structure(template)
-        state = jax.tree.unflatten(treedef, [np.asarray(arrays[k]) for k in expected])
+        state = jax.tree.unflatten(treedef, [np.asarray(arrays[names[k]]) for k in expected])
         pad = lambda x: np.concatenate(
             [x, np.zeros((fed.num_padded - x.shape[0], *x.shape[1:]), x.dtype)])
         if fed.num_padded != fed.num_clients:
@@ -196,9 +212,10 @@ class FedCheckpointer:
     def _check(self, meta: dict, expected: dict[str, list], step: int,
                check_frozen: bool) -> None:
         where = f"checkpoint {self.manager.directory}/{step}"
-        if meta.get("format") != FORMAT:
+        if meta.get("format") != FORMAT and meta.get("format") not in _LEGACY:
             raise CheckpointMismatch(f"{where} has format {meta.get('format')!r}, "
                                      f"expected {FORMAT!r}")
+        suffix = _LEGACY.get(meta.get("format"), "")
         ours = run_signature(self.federation)
         problems = []
         for name in ("mode", "setting", "num_clients", "client_names"):
@@ -223,11 +240,11 @@ class FedCheckpointer:
                 shown = "\n    ".join(keys[:8]) + (f"\n    ... {len(keys) - 8} more"
                                                    if len(keys) > 8 else "")
                 problems.append(f"{len(keys)} arrays {label}:\n    {shown}")
-        if check_frozen and not problems and meta.get("frozen_sha256") != self.frozen_sha256:
+        if check_frozen and not problems and meta.get("frozen_sha256") != self.frozen_sha256(suffix):
             problems.append("frozen weights: this run's frozen (e.g. pretrained) weights are "
                             "not those the checkpoint was trained with (sha256 "
                             f"{str(meta.get('frozen_sha256'))[:12]}... vs "
-                            f"{self.frozen_sha256[:12]}...); load the same "
+                            f"{self.frozen_sha256(suffix)[:12]}...); load the same "
                             "base weights, or pass check_frozen=False")
         if problems:
             raise CheckpointMismatch(f"{where} is not a checkpoint of this federation:\n  "

@@ -62,9 +62,14 @@ def config_for_mode(config: SamConfig, mode: str) -> SamConfig:
     return config
 
 
-def split(model: nnx.Module, mode: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split(model: nnx.Module, mode: str) -> tuple[nnx.GraphDef, dict, dict]:
     """model -> (graphdef, trainable, frozen) for a mode; merge with nnx.merge(graphdef,
-    trainable, frozen). Works on abstract models (nnx.eval_shape) too."""
+    trainable, frozen). Works on abstract models (nnx.eval_shape) too.
+
+    trainable and frozen are nested dicts of arrays ({'mask_decoder': {...: {'kernel':
+    f32[...]}}}, nnx.to_pure_dict), not nnx.States: the engine passes them through every
+    jitted call, and a State's Variable leaves cost ~4 us each to rebuild on the host (about
+    10 ms per call for a decoder-mode FedState, as much as a cached decoder step)."""
     _check_mode(mode)
     graphdef, trainable, frozen = nnx.split(model, _FILTERS[mode], ...)
     if mode in _REQUIRED:
@@ -72,15 +77,15 @@ def split(model: nnx.Module, mode: str) -> tuple[nnx.GraphDef, nnx.State, nnx.St
         if not jax.tree.leaves(nnx.state(model, kind)):
             raise ValueError(f"mode {mode!r} trains {kind.__name__}s but the model has none; "
                              f"build it with {setting} (see config_for_mode)")
-    return graphdef, trainable, frozen
+    return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
 
-def num_params(state: nnx.State) -> int:
-    """Number of scalar values in a state."""
+def num_params(state) -> int:
+    """Number of scalar values in a state (a pytree of arrays)."""
     return sum(x.size for x in jax.tree.leaves(state))
 
 
-def num_bytes(state: nnx.State, itemsize: int | None = None) -> int:
+def num_bytes(state, itemsize: int | None = None) -> int:
     """Bytes to send a state, at its own dtype or at `itemsize` bytes per value."""
     return sum(x.size * (itemsize or x.dtype.itemsize) for x in jax.tree.leaves(state))
 
@@ -106,7 +111,8 @@ def breakdown(model: nnx.Module, mode: str) -> list[tuple[str, int, int]]:
     """(module, parameters, trainable parameters) per module, in model order. Buffers are
     not parameters and are left out."""
     _, trainable, _ = split(model, mode)
-    trainable_paths = {path for path, _ in nnx.to_flat_state(trainable)}
+    trainable_paths = {tuple(k.key for k in path)
+                       for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         row = totals[module_name(path)]

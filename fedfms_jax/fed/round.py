@@ -166,16 +166,17 @@ class FedState:
 
     round: i32[] rounds completed. local_step: i32[] local steps taken in the current round.
     key: u32[2] the run's base key (per-round/client/step keys are folded in, never split
-    off, so a resumed run draws the same ones). global_params: the trainable State.
-    client_params, client_opt_state: per client, leaves [K_pad, ...]. server_opt_state:
-    the server optimizer's state (empty for plain FedAvg).
+    off, so a resumed run draws the same ones). global_params: the trainable weights, a
+    nested dict of arrays (`partition.split`). client_params, client_opt_state: per client,
+    leaves [K_pad, ...]. server_opt_state: the server optimizer's state (empty for plain
+    FedAvg).
     """
 
     round: jax.Array
     local_step: jax.Array
     key: jax.Array
-    global_params: nnx.State
-    client_params: nnx.State
+    global_params: dict
+    client_params: dict
     client_opt_state: Any
     server_opt_state: Any
 
@@ -210,8 +211,8 @@ def client_key(base_key: jax.Array, round_index: jax.Array, client_id: jax.Array
 
 
 def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                       loss_fn: LossFn, frozen: nnx.State, global_params: nnx.State,
-                       params: nnx.State, opt_state, batches: Mapping[str, jax.Array],
+                       loss_fn: LossFn, frozen: dict, global_params: dict,
+                       params: dict, opt_state, batches: Mapping[str, jax.Array],
                        step_mask: jax.Array, key: jax.Array, first_step: jax.Array,
                        prox_mu: jax.Array):
     """One client's local steps (pure; vmapped over clients by `local_steps`).
@@ -442,7 +443,7 @@ class Federation:
 
     # --- state -------------------------------------------------------------------------
 
-    def init(self, params: nnx.State | None = None, *, round_index: int = 0,
+    def init(self, params: dict | None = None, *, round_index: int = 0,
              client_opt_state=None) -> FedState:
         """The state before round `round_index` + 1: every client and the global model at
         `params` (default: the model's trainable weights), the key from config.seed, fresh

@@ -11,27 +11,24 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 
 from fedfms_jax.flower.wire import WireError
-from fedfms_jax.weights_file import flat_path
+from fedfms_jax.weights_file import flat_arrays
 
 
 class ArrayRecordMismatch(WireError):
     """Named arrays whose names, shapes or dtypes do not fit the expected state."""
 
 
-def state_to_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-    """nnx.State -> {flat path: numpy array} (host copies, original dtype)."""
-    return {flat_path(path): np.asarray(jax.device_get(variable.get_value()))
-            for path, variable in nnx.to_flat_state(state)}
+def state_to_arrays(state: dict) -> dict[str, np.ndarray]:
+    """Trainable weights -> {flat path: numpy array} (host copies, original dtype)."""
+    return {name: np.asarray(jax.device_get(leaf)) for name, leaf in flat_arrays(state).items()}
 
 
-def check_arrays(arrays: Mapping[str, np.ndarray], like: nnx.State, source: str) -> None:
+def check_arrays(arrays: Mapping[str, np.ndarray], like: dict, source: str) -> None:
     """Raises ArrayRecordMismatch listing every missing, unexpected, mis-shaped and
-    mis-typed name of `arrays` against the state `like`."""
-    expected = {flat_path(path): variable.get_value()
-                for path, variable in nnx.to_flat_state(like)}
+    mis-typed name of `arrays` against the weights `like`."""
+    expected = flat_arrays(like)
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     common = sorted(set(arrays) & set(expected))
@@ -50,16 +47,13 @@ def check_arrays(arrays: Mapping[str, np.ndarray], like: nnx.State, source: str)
         raise ArrayRecordMismatch("\n".join(lines))
 
 
-def from_arrays(arrays: Mapping[str, np.ndarray], like: nnx.State,
-                source: str = "message") -> nnx.State:
-    """{flat path: array} -> a state shaped like `like` (which is left unchanged)."""
+def from_arrays(arrays: Mapping[str, np.ndarray], like: dict,
+                source: str = "message") -> dict:
+    """{flat path: array} -> weights shaped like `like` (which is left unchanged)."""
     check_arrays(arrays, like, source)
-    flat = nnx.to_flat_state(like)
-    values = [jax.numpy.asarray(arrays[flat_path(path)]) for path, _ in flat]
-    leaves_like = [variable for _, variable in flat]
-    new_flat = [(path, variable.replace(value))
-                for (path, _), variable, value in zip(flat, leaves_like, values)]
-    return nnx.from_flat_state(new_flat)
+    names = list(flat_arrays(like))
+    return jax.tree.unflatten(jax.tree.structure(like),
+                              [jax.numpy.asarray(arrays[name]) for name in names])
 
 
 def tree_to_arrays(tree) -> dict[str, np.ndarray]:

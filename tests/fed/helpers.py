@@ -109,6 +109,9 @@ def snapshot(tree):
 
 
 def flat(tree) -> dict[str, np.ndarray]:
+    """{path: host array} of any pytree; an nnx.State's paths as its nested dict's."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
 

@@ -7,8 +7,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+from fedfms_jax.fed import checkpoint
 from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
+from fedfms_jax.fed.partition import trainable_filter
 from fedfms_jax.fed.round import Federation
 from tests.fed.helpers import assert_trees_equal, config, snapshot, tiny_model
 
@@ -49,6 +52,41 @@ def test_round_trip_on_a_padded_layout(model, tmp_path):
     assert all((x[3] == 0).all() for x in jax.tree.leaves(restored.client_params))
     restored = FedCheckpointer(tmp_path, fed).restore(fed.init())
     assert restored.ledger is None and restored.data_state == {}
+
+
+def test_a_format_1_checkpoint_resumes(model, tmp_path, monkeypatch):
+    """Format 1 saved the weights as nnx.States (names and frozen paths ending in '.value');
+    a run saved by it restores into today's state, value for value."""
+    fed = Federation(model, config(clients_per_step=2), 3)
+    state = _nudged(fed.init(), 1.0)
+    _, trainable_like, frozen_like = nnx.split(model, trainable_filter(fed.config.mode), ...)
+
+    def as_state(pure):
+        state = jax.tree.map(lambda v: v, trainable_like)  # a copy, filled in place
+        nnx.replace_by_pure_dict(state, pure)
+        return state
+
+    moments = lambda o: o._replace(mu=as_state(o.mu), nu=as_state(o.nu))
+    old = state.replace(global_params=as_state(state.global_params),
+                        client_params=as_state(state.client_params),
+                        client_opt_state=(moments(state.client_opt_state[0]),
+                                          *state.client_opt_state[1:]))
+    saver = FedCheckpointer(tmp_path, fed)
+    monkeypatch.setattr(checkpoint, "FORMAT", "fedfms_jax.fed/1")
+    monkeypatch.setattr(saver, "frozen_sha256",
+                        lambda suffix="": checkpoint.frozen_fingerprint(frozen_like))
+    saver.save(old, wait=True)
+    monkeypatch.undo()
+    meta = saver.read_meta()
+    assert meta["format"] == "fedfms_jax.fed/1"
+    assert "global_params.mask_decoder.iou_token.embedding.value" in meta["arrays"]
+    assert "client_opt_state.0.mu.mask_decoder.iou_token.embedding.value" in meta["arrays"]
+    restored = FedCheckpointer(tmp_path, fed).restore(fed.init()).state
+    assert_trees_equal(_real(snapshot(restored), 3), _real(snapshot(state), 3))
+
+    reseeded = Federation(tiny_model(seed=1), config(clients_per_step=2), 3)
+    with pytest.raises(CheckpointMismatch, match="frozen weights"):
+        FedCheckpointer(tmp_path, reseeded).restore(reseeded.init())
 
 
 def test_checkpoint_of_another_mode_or_model_is_refused(model, tmp_path):

@@ -19,18 +19,18 @@ from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models.adapters import AdapterParam
 from fedfms_jax.models.image_encoder import Block
 from fedfms_jax.models import get_config
-from fedfms_jax.weights_file import flat_path
+from fedfms_jax.weights_file import flat_arrays
 from tests.fast_build import FAST_COMPILE, random_sam
 
 GAUSSIAN = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
 
 
-def paths(state: nnx.State) -> set[str]:
-    return {flat_path(path) for path, _ in nnx.to_flat_state(state)}
+def paths(state) -> set[str]:
+    return set(flat_arrays(state))
 
 
-def flat(state: nnx.State) -> dict[str, np.ndarray]:
-    return {flat_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+def flat(state) -> dict[str, np.ndarray]:
+    return {path: np.asarray(v) for path, v in flat_arrays(state).items()}
 
 
 # ------------------------------------------------------------------------------- counts

@@ -11,13 +11,12 @@ import ml_collections
 import numpy as np
 import psutil
 import pytest
-from flax import nnx
 
 from fedfms_jax.config import load_config_file
 from fedfms_jax.experiment import Experiment
 from fedfms_jax.flower.processes import tagged_processes
 from fedfms_jax.run_log import read_records
-from fedfms_jax.weights_file import flat_path, read_weights
+from fedfms_jax.weights_file import flat_arrays, read_weights
 from tests.flower.conftest import REPO, TINY_CONFIG
 
 TWO_SITES = ["--config.data.options.num_sites=2", "--config.data.unseen_site="]
@@ -55,8 +54,7 @@ class Simulation:
 
     def weights(self) -> dict[str, np.ndarray]:
         """The global trainable weights, by flat path."""
-        return {flat_path(path): np.asarray(v.get_value())
-                for path, v in nnx.to_flat_state(self.state.global_params)}
+        return {path: np.asarray(v) for path, v in flat_arrays(self.state.global_params).items()}
 
 
 def round_bound(simulator_seconds: float) -> float:

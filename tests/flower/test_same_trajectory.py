@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flax import nnx
 from flwr.app import Context, RecordDict
 
 from fedfms_jax.experiment import Experiment
@@ -20,7 +19,7 @@ from fedfms_jax.flower import arrays, client_app
 from fedfms_jax.flower.server_app import Server
 from fedfms_jax.flower.settings import RunSettings, config_to_json
 from fedfms_jax.run_log import read_records
-from fedfms_jax.weights_file import flat_path
+from fedfms_jax.weights_file import flat_arrays
 from tests.flower.test_deployment import tiny_config
 from tests.flower.test_server_app import FakeGrid, serverapp_identity  # noqa: F401 (autouse)
 
@@ -61,8 +60,7 @@ def simulate(config) -> dict[str, np.ndarray]:
     state = experiment.init_state()
     for _ in range(config.rounds):
         state, _ = experiment.train_round(state)
-    return {flat_path(path): np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(state.global_params)}
+    return {path: np.asarray(v) for path, v in flat_arrays(state.global_params).items()}
 
 
 # Attention key biases: softmax is invariant to them (a key bias adds q . b_k to every logit
@@ -91,8 +89,8 @@ def test_flower_trains_the_simulators_trajectory(tmp_path, server, hyper):
                             "data.unseen_site": "", "train.adam_eps": 1e-8,
                             "train.server_optimizer": server, **hyper})
     experiment = Experiment(config)
-    initial = {flat_path(p): np.asarray(v.get_value())
-               for p, v in nnx.to_flat_state(experiment.init_state().global_params)}
+    initial = {p: np.asarray(v)
+               for p, v in flat_arrays(experiment.init_state().global_params).items()}
     steps = int(experiment.steps.max()) * config.rounds
     expected = simulate(config)
     final = flower_run(config, tmp_path)

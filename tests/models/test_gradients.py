@@ -22,7 +22,7 @@ from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import get_config
 from fedfms_jax.models.common import dense
-from fedfms_jax.weights_file import flat_path
+from fedfms_jax.weights_file import flat_arrays
 from fedfms_jax_reference.sam import state_dict_numpy
 from tests.fed.helpers import shift_invariant
 from tests.numerics import (EPS32, NOISE_FACTOR, assert_matches_reference, float64_copy,
@@ -80,8 +80,7 @@ def test_loss_gradients_match_pytorch(mode):
 
     with pinned_matmul_precision():
         grads = jax.jit(jax.grad(loss))(trainable)
-        ours = {flat_path(path): np.asarray(v.get_value())
-                for path, v in nnx.to_flat_state(grads)}
+        ours = {path: np.asarray(v) for path, v in flat_arrays(grads).items()}
         reference32 = torch_gradients(model32, config.variant, mode, images, targets)
         reference64 = torch_gradients(model64, config.variant, mode, images, targets)
     assert ours, "no trainable parameters"
