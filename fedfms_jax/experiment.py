@@ -51,7 +51,8 @@ class Experiment:
         self.client_records = [[r for s in group for r in self.sites[s].train]
                                for group in self.plan.sites]
         self.federation = build.federation(config, model, self.plan, mesh=mesh)
-        self.embedding_cache, self.embedding_note = self._embedding_cache()
+        self.embedding_cache, self.embedding_note = self.make_embedding_cache(
+            self.client_records)
         self.streams = ClientStreams(config, self.client_records, self.federation.client_ids,
                                      self._pipeline_options(), cache=self.embedding_cache)
         if train:
@@ -69,9 +70,12 @@ class Experiment:
     def _pipeline_options(self) -> dict:
         return pipeline_options(self.config, self.image_size, self.model_config.low_res_size)
 
-    def _embedding_cache(self) -> tuple[EmbeddingCache | None, str]:
-        """Decoder mode's cache of the frozen encoder's outputs, when valid (see
-        `embeddings.cache_decision`), and the sentence saying what was decided."""
+    def make_embedding_cache(self, client_records: Sequence[Sequence[Record]]
+                             ) -> tuple[EmbeddingCache | None, str]:
+        """Decoder mode's cache of the frozen encoder's outputs for these clients' records
+        (filled as they are first drawn), when valid (see `embeddings.cache_decision`), and
+        the sentence saying what was decided. The simulator's streams use one over every
+        client; a Flower site, one over its own records."""
         c = self.config
         use, why = cache_decision(c.mode, c.data.augment, c.train.embedding_cache)
         if not use:
@@ -96,7 +100,7 @@ class Experiment:
         like = jax.eval_shape(encode, params, frozen,
                               jax.ShapeDtypeStruct((batch, size, size, 3), np.uint8),
                               jax.ShapeDtypeStruct((batch, 2), np.int32))
-        cache = EmbeddingCache(self.client_records, embed, like.shape[1:], like.dtype,
+        cache = EmbeddingCache(client_records, embed, like.shape[1:], like.dtype,
                                storage=c.train.embedding_cache)
         return cache, cache.describe()
 
@@ -146,19 +150,19 @@ class Experiment:
                 scores[site] = self.score(self.params_for(state, site), records, kept)
         return scores
 
-    def predict_fn(self, params: nnx.State):
+    def predict_fn(self, params: dict):
         """batch -> logits of the model with these trainable weights (evaluation's call)."""
         frozen = self.federation.frozen
         return lambda batch: self._predict(params, frozen, batch)
 
-    def score(self, params: nnx.State, records: Sequence[Record],
+    def score(self, params: dict, records: Sequence[Record],
               predictions: dict | None = None) -> SiteScores:
         """Per-case metrics (fedfms_jax.evaluation) of every record, on the original grids."""
         return evaluation.score_records(records, self.predict_fn(params), self.preprocessing,
                                         self.eval_settings, seed=self.config.seed,
                                         predictions=predictions)
 
-    def params_for(self, state: FedState, site: str) -> nnx.State:
+    def params_for(self, state: FedState, site: str) -> dict:
         """The weights that predict for a site: the global model's, or in the local
         baseline that site's own client's (client 0's for an unseen site)."""
         if self.federation.config.setting != "local":
@@ -185,7 +189,7 @@ class Experiment:
                 + (f"\n{self.federation.layout.describe()}" if self.federation.layout else ""))
 
 
-def client_params(state: FedState, client: int) -> nnx.State:
+def client_params(state: FedState, client: int) -> dict:
     """Client k's own trainable weights (the local baseline evaluates these)."""
     return jax.tree.map(lambda x: x[client], state.client_params)
 

@@ -121,7 +121,11 @@ class LocalSite:
         if self.client_state is None:
             options = pipeline_options(self.config, self.experiment.image_size,
                                        self.experiment.model_config.low_res_size)
-            streams = ClientStreams(self.config, [self.site.train], [client], options)
+            # Decoder mode: the frozen encoder runs once per image of the run, as in the
+            # simulator, not every round.
+            cache, _ = self.experiment.make_embedding_cache([self.site.train])
+            streams = ClientStreams(self.config, [self.site.train], [client], options,
+                                    cache=cache)
             federation = build.federation(self.config, self.experiment.model,
                                           self.experiment.plan, client_ids=[client],
                                           example_batch=streams.example_batch())
