@@ -110,6 +110,9 @@ def test_a_restarted_worker_continues_the_run_exactly(tmp_path, run_config):
     round_1 = train(first, config, start, 1)
     assert round_1["metrics"]["steps"] == 3 and round_1["site-index"] == 0
     round_2 = train(first, config, round_1["arrays"], 2)
+    # Decoder mode: the site ran its frozen encoder once per training image, not per round.
+    cache = first.site.client_state.streams.cache
+    assert cache is not None and cache.computed == first.site.site.num_train
 
     crashed = SiteWorker(tmp_path / "b")
     crashed_1 = train(crashed, config, start, 1)
