@@ -240,7 +240,8 @@ class FedCheckpointer:
                 shown = "\n    ".join(keys[:8]) + (f"\n    ... {len(keys) - 8} more"
                                                    if len(keys) > 8 else "")
                 problems.append(f"{len(keys)} arrays {label}:\n    {shown}")
-        if check_frozen and not problems and meta.get("frozen_sha256") != self.frozen_sha256(suffix):
+        if (check_frozen and not problems
+                and meta.get("frozen_sha256") != self.frozen_sha256(suffix)):
             problems.append("frozen weights: this run's frozen (e.g. pretrained) weights are "
                             "not those the checkpoint was trained with (sha256 "
                             f"{str(meta.get('frozen_sha256'))[:12]}... vs "
