@@ -178,7 +178,7 @@ class FedCheckpointer:
         suffix = _LEGACY.get(meta.get("format"), "")
         names = _saved_names(expected, meta.get("arrays", {}), suffix)
         self._check(meta, {names[k]: v for k, v in _spec(expected).items()}, step,
-                    check_frozen)
+                    check_frozen, suffix)
         targets = {names[k]: np.zeros(np.shape(v), v.dtype) for k, v in expected.items()}
         arrays = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(targets))).state
@@ -210,12 +210,11 @@ class FedCheckpointer:
         return round_index
 
     def _check(self, meta: dict, expected: dict[str, list], step: int,
-               check_frozen: bool) -> None:
+               check_frozen: bool, suffix: str) -> None:
         where = f"checkpoint {self.manager.directory}/{step}"
         if meta.get("format") != FORMAT and meta.get("format") not in _LEGACY:
             raise CheckpointMismatch(f"{where} has format {meta.get('format')!r}, "
                                      f"expected {FORMAT!r}")
-        suffix = _LEGACY.get(meta.get("format"), "")
         ours = run_signature(self.federation)
         problems = []
         for name in ("mode", "setting", "num_clients", "client_names"):

@@ -111,8 +111,7 @@ def breakdown(model: nnx.Module, mode: str) -> list[tuple[str, int, int]]:
     """(module, parameters, trainable parameters) per module, in model order. Buffers are
     not parameters and are left out."""
     _, trainable, _ = split(model, mode)
-    trainable_paths = {tuple(k.key for k in path)
-                       for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    trainable_paths = set(nnx.traversals.flatten_mapping(trainable))
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         row = totals[module_name(path)]
