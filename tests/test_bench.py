@@ -152,3 +152,17 @@ def test_device_check_smoke_form_writes_parity_timings_and_memory(tmp_path):
     assert summary["fedfms_masked_work"] == protocol["masked_work"] == 0.0
     assert protocol["masked_work_longest"] > 0.15
     assert set(record["decoder_cache"]) >= {"cached", "uncached", "speedup"}
+
+
+def test_flower_bound_holds_every_round_after_the_first_to_the_simulators_median():
+    from bench import flower
+
+    # Round 1 of both compiles and is left out; the simulator's median of the rest is 0.5 s.
+    summary = flower.summarise([90.0, 1.9, 2.6, 2.4], [20.0, 0.4, 0.5, 0.6])
+    assert summary["bound_s"] == pytest.approx(2.5)  # max(2 s, 25 %) over 0.5 s
+    assert summary["over_bound"] == [3] and not summary["within_bound"]
+    assert summary["flower_overhead_s"] == pytest.approx(1.9)  # median 2.4 - 0.5
+    assert flower.summarise([90.0, 12.0], [20.0, 10.0])["within_bound"]  # 25 % of 10 s
+    assert not flower.summarise([90.0, 12.6], [20.0, 10.0])["within_bound"]
+    with pytest.raises(ValueError, match="two rounds or more"):
+        flower.summarise([90.0], [20.0])
