@@ -23,11 +23,16 @@ VIT_LAYER_NORM_EPS = 1e-6
 #           attention maps ([heads, tokens, tokens] per window or image: 0.8 GB per global
 #           block of ViT-B at 1024) are recomputed in the backward;
 #   full:   only each block's input is kept; the whole block is recomputed.
+# With blocks or full, a global attention over more than QUERY_CHUNK tokens also runs over
+# chunks of query rows, each under its own jax.checkpoint (Attention.query_chunk): the
+# backward then holds one chunk's maps at a time, not the whole [heads, N, N] four times
+# over (logits, probabilities and their gradients), for one more attention forward.
 REMAT_POLICIES = {
     "blocks": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 REMAT_MODES = ("off", *REMAT_POLICIES)
+QUERY_CHUNK = 1024  # tokens of query rows per chunk (ViT-B at 1024: 4 chunks of 16 x 64)
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
@@ -89,31 +94,65 @@ class Attention(nnx.Module):
         # Zero like the official init; pretrained checkpoints fill them.
         self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim)))
         self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim)))
+        # Tokens of query rows per chunk, 0 for one pass (an execution setting, static:
+        # ImageEncoder.set_remat sets it on global attention).
+        self.query_chunk = 0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: f32[B, H, W, C] -> f32[B, H, W, C]."""
         b, h, w, c = x.shape
-        n = h * w
         qkv = self.qkv(x)
         if self.qkv_lora is not None:
             qkv = qkv + self.qkv_lora(x)
-        # Heads-major [3, B, heads, N, head_dim] as official SAM: with the head axis ahead of
-        # the tokens every einsum below is a plain batched matmul, and XLA's CPU backend runs
-        # the attention ~3x faster than with tokens-major operands (bench/).
-        qkv = qkv.reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        # Heads-major [3, B, heads, H, W, head_dim] as official SAM: with the head axis ahead
+        # of the tokens every einsum below is a plain batched matmul, and XLA's CPU backend
+        # runs the attention ~3x faster than with tokens-major operands (bench/).
+        qkv = qkv.reshape(b, h, w, 3, self.num_heads, -1).transpose(3, 0, 4, 1, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = jnp.einsum("bnqd,bnkd->bnqk", q * self.scale, k)
-        # The bias uses the unscaled q, as in the official code.
+        k = k.reshape(b, self.num_heads, h * w, -1)
+        v = v.reshape(b, self.num_heads, h * w, -1)
         rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)
         rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)
-        r_q = q.reshape(b, self.num_heads, h, w, -1)
-        rel_h = jnp.einsum("bnyxd,ykd->bnyxk", r_q, rh)
-        rel_w = jnp.einsum("bnyxd,xkd->bnyxk", r_q, rw)
-        attn = attn.reshape(b, self.num_heads, h, w, h, w)
+        rows = query_chunk_rows(h, w, self.query_chunk)
+        if rows == h:
+            out = self._rows(q, rh, k, v, rw)
+        else:
+            # [chunks, ...] of `rows` grid rows each; every chunk recomputed in the backward.
+            chunks = h // rows
+            q_chunks = q.reshape(b, self.num_heads, chunks, rows, w, -1).transpose(2, 0, 1, 3,
+                                                                                   4, 5)
+            step = jax.checkpoint(lambda args: self._rows(*args, k, v, rw),
+                                  policy=jax.checkpoint_policies.nothing_saveable)
+            out = jax.lax.map(step, (q_chunks, rh.reshape(chunks, rows, h, -1)))
+            out = out.transpose(1, 0, 2, 3, 4).reshape(b, h * w, self.num_heads, -1)
+        return self.proj(out.reshape(b, h, w, c))
+
+    def _rows(self, q: jax.Array, rh: jax.Array, k: jax.Array, v: jax.Array,
+              rw: jax.Array) -> jax.Array:
+        """Attention of some grid rows' queries over every key.
+
+        q: f32[B, heads, r, W, hd] (r rows of the grid), rh: f32[r, H, hd] (those rows'
+        relative positions), k, v: f32[B, heads, H*W, hd], rw: f32[W, W, hd]
+        -> f32[B, r*W, heads, hd].
+        """
+        b, heads, r, w, _ = q.shape
+        n = k.shape[2]
+        attn = jnp.einsum("bnqd,bnkd->bnqk", q.reshape(b, heads, r * w, -1) * self.scale, k)
+        # The bias uses the unscaled q, as in the official code.
+        rel_h = jnp.einsum("bnyxd,ykd->bnyxk", q, rh)
+        rel_w = jnp.einsum("bnyxd,xkd->bnyxk", q, rw)
+        attn = attn.reshape(b, heads, r, w, n // w, w)
         attn = attn + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
-        attn = softmax_f32(attn.reshape(b, self.num_heads, n, n))
-        out = jnp.einsum("bnqk,bnkd->bqnd", attn, v).reshape(b, h, w, c)
-        return self.proj(out)
+        attn = softmax_f32(attn.reshape(b, heads, r * w, n))
+        return jnp.einsum("bnqk,bnkd->bqnd", attn, v)
+
+
+def query_chunk_rows(h: int, w: int, chunk: int) -> int:
+    """Grid rows per query chunk: the most rows, dividing h, of at most `chunk` tokens
+    (at least one row); h (one chunk, no loop) when chunk is 0 or the grid fits in one."""
+    if not chunk or h * w <= chunk:
+        return h
+    return max(r for r in range(1, h + 1) if h % r == 0 and (r * w <= chunk or r == 1))
 
 
 class Block(nnx.Module):
@@ -221,6 +260,14 @@ class ImageEncoder(nnx.Module):
         self.neck_norm2 = layer_norm(out, VIT_LAYER_NORM_EPS, dtype, rngs)
         # An execution setting, not part of the model: static, so jit retraces on a change.
         self.remat = "off"
+
+    def set_remat(self, mode: str) -> None:
+        """The blocks' rematerialisation (REMAT_MODES), and with it the global attention's
+        query chunks (QUERY_CHUNK with blocks or full, none with off)."""
+        self.remat = mode
+        for block in self.blocks:
+            if block.window_size == 0:
+                block.attn.query_chunk = 0 if mode == "off" else QUERY_CHUNK
 
     def embed_patches(self, images: jax.Array) -> jax.Array:
         """patch_embed (a p x p conv with stride p) as the matmul it is: images f32[B, S, S, 3]

@@ -45,7 +45,7 @@ class Sam(nnx.Module):
         set it before the model is split, as the setting lives in the graph definition."""
         if mode not in REMAT_MODES:
             raise ValueError(f"unknown remat mode {mode!r}; expected one of {', '.join(REMAT_MODES)}")
-        self.image_encoder.remat = mode
+        self.image_encoder.set_remat(mode)
 
     def decode(self, image_embeddings: jax.Array, *, point_coords: jax.Array | None = None,
                point_labels: jax.Array | None = None, boxes: jax.Array | None = None,
