@@ -4,10 +4,11 @@
 
 Runs `python -m fedfms_jax.flower.local` (a SuperLink and one SuperNode per site on
 loopback, as users start it) to the end, then the simulator (`python -m fedfms_jax.train`)
-on the same config, each alone on the machine, and reads both runs' round records. Round 1 of both includes
-start-up and compilation and is reported apart. The target (issue 16): every later Flower
-round within the simulator's median round plus max(2 s, 25 %) -- what the deployment adds
-(messages through the SuperLink, polling, serialising the trainable weights) stays small.
+on the same config, each alone on the machine, and reads both runs' round records. Round 1
+of both includes start-up and compilation and is reported apart. The target (issue 16):
+every later Flower round within the simulator's median round plus max(2 s, 25 %) -- what
+the deployment adds (messages through the SuperLink, polling, serialising the trainable
+weights) stays small.
 
 Prints a table, writes the record as JSON under bench/results/ and the summary as the last
 line. A timing target, so it lives here and not in the unit tests: on a 2-core machine a
@@ -27,10 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.run import RESULTS
 from bench.timing import load_average
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 
 
 def round_bound(simulator_seconds: float) -> float:

@@ -264,6 +264,9 @@ class ImageEncoder(nnx.Module):
     def set_remat(self, mode: str) -> None:
         """The blocks' rematerialisation (REMAT_MODES), and with it the global attention's
         query chunks (QUERY_CHUNK with blocks or full, none with off)."""
+        if mode not in REMAT_MODES:
+            raise ValueError(f"unknown remat mode {mode!r}; expected one of "
+                             f"{', '.join(REMAT_MODES)}")
         self.remat = mode
         for block in self.blocks:
             if block.window_size == 0:

@@ -11,7 +11,7 @@ from flax import nnx
 from PIL import Image
 
 from fedfms_jax.models.adapters import torch_default_init
-from fedfms_jax.models.image_encoder import REMAT_MODES, ImageEncoder
+from fedfms_jax.models.image_encoder import ImageEncoder
 from fedfms_jax.models.mask_decoder import MaskDecoder
 from fedfms_jax.models.prompt_encoder import PromptEncoder
 from fedfms_jax.models.variants import SamConfig
@@ -43,8 +43,6 @@ class Sam(nnx.Module):
         """Rematerialise the image encoder's blocks under differentiation: "off", "blocks"
         or "full" (see image_encoder.REMAT_POLICIES). Outputs and gradients are unchanged;
         set it before the model is split, as the setting lives in the graph definition."""
-        if mode not in REMAT_MODES:
-            raise ValueError(f"unknown remat mode {mode!r}; expected one of {', '.join(REMAT_MODES)}")
         self.image_encoder.set_remat(mode)
 
     def decode(self, image_embeddings: jax.Array, *, point_coords: jax.Array | None = None,
