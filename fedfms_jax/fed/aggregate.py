@@ -191,6 +191,13 @@ def server_optimizer(name: str, **hyper: float) -> optax.GradientTransformation:
     return ServerOptimizer(name, **hyper).tx()
 
 
+def optimizer_state(tx: optax.GradientTransformation, params):
+    """tx's initial state for params (host arrays), from one compiled program. optax's init
+    run eagerly compiles a small XLA program per distinct leaf shape, each of which stays
+    resident (ViT-B FedMSA's Adam: 23 programs, 0.8 s on a 2-core CPU against 0.4 s)."""
+    return jax.tree.map(np.asarray, jax.jit(tx.init)(params))
+
+
 def client_finite(client_params) -> jax.Array:
     """bool[K]: whether every value of client k's weights is finite (leaves [K, ...])."""
     leaves = jax.tree.leaves(client_params)

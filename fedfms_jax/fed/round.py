@@ -425,19 +425,26 @@ class Federation:
         like `example_batch` (one client's, [B, ...] fields) into the memory free now
         (fed.fit; `compiled_memory`). The choice is `.layout`."""
         mesh = sharding.client_mesh() if mesh is None else mesh
+        compiled = []  # the candidates' jitted local steps
 
         def make(mode: str, width: int) -> Federation:
             model.set_remat(mode)
             return cls(model, config.replace(clients_per_step=width), num_clients, mesh=mesh,
                        **kwargs)
 
-        layout = fit.choose_layout(
-            lambda mode, width: make(mode, width).compiled_memory(example_batch, steps, segment),
-                                   num_clients, mesh.size, remat=remat,
+        def measure(mode: str, width: int) -> fit.MemoryNeed:
+            candidate = make(mode, width)
+            compiled.append(candidate._local_steps)
+            return candidate.compiled_memory(example_batch, steps, segment)
+
+        layout = fit.choose_layout(measure, num_clients, mesh.size, remat=remat,
                                    clients_per_step=config.clients_per_step or 0,
                                    **fit.policy(mesh.devices.flat[0].platform))
         federation = make(layout.remat, layout.clients_per_step)
         federation.layout = layout
+        for local_steps in compiled:
+            if local_steps is not federation._local_steps:
+                local_steps.clear_cache()  # a program never to run (~170 MB, small variant)
         fit.release_free_heap()  # what the candidates' compiles left on the heap
         return federation
 
@@ -453,7 +460,7 @@ class Federation:
         stack = lambda tree: jax.tree.map(
             lambda x: np.broadcast_to(np.asarray(x), (self.num_padded, *np.shape(x))), tree)
         if client_opt_state is None:
-            opt_state = stack(self.config.local_optimizer().init(params))
+            opt_state = stack(aggregate.optimizer_state(self.config.local_optimizer(), params))
         else:
             opt_state = sharding.pad_clients(jax.tree.map(np.asarray, client_opt_state),
                                              self.num_padded)
@@ -461,7 +468,8 @@ class Federation:
         return self.place(FedState(
             round=np.asarray(round_index, np.int32), local_step=np.zeros((), np.int32),
             key=np.asarray(key), global_params=params, client_params=stack(params),
-            client_opt_state=opt_state, server_opt_state=self.config.server.tx().init(params)))
+            client_opt_state=opt_state,
+            server_opt_state=aggregate.optimizer_state(self.config.server.tx(), params)))
 
     def place(self, state: FedState) -> FedState:
         """Put a state on the mesh: per-client fields sharded, the rest replicated."""

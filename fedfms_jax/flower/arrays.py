@@ -79,5 +79,5 @@ def tree_from_arrays(named: Mapping[str, np.ndarray], like):
         if value.shape != np.shape(leaf):
             raise ArrayRecordMismatch(f"saved state {name}: shape {value.shape}, expected "
                                       f"{np.shape(leaf)}")
-        values.append(jax.numpy.asarray(value))
+        values.append(jax.device_put(value))
     return jax.tree_util.tree_unflatten(treedef, values)

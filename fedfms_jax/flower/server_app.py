@@ -92,7 +92,8 @@ class Server:
         self.privacy = self.fed_config.privacy
         # The run's key, as the simulator's FedState holds it: the DP noise derives from it.
         self.base_key = np.asarray(jax.random.key_data(jax.random.key(self.fed_config.seed)))
-        self.server_state = self.server.tx().init(jax.tree.map(np.asarray, trainable))
+        self.server_state = aggregate.optimizer_state(self.server.tx(),
+                                                      jax.tree.map(np.asarray, trainable))
         self.set_global(trainable)
         self.lost: dict[str, str] = {}   # site name -> why it left the federation
         self.bytes_cumulative = 0

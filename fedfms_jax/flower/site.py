@@ -170,7 +170,7 @@ class LocalSite:
     def restore(self, meta: Mapping[str, Any], opt_arrays: Mapping[str, np.ndarray]) -> None:
         """Continue from `saved_state`: the same client, optimizer state and data position."""
         state = self._client(int(meta["client"]))
-        like = state.federation.config.local_optimizer().init(self.like)
+        like = jax.eval_shape(state.federation.config.local_optimizer().init, self.like)
         state.opt_state = jax.tree.map(lambda x: np.asarray(x)[None],
                                        arrays.tree_from_arrays(opt_arrays, like))
         state.streams.set_states([json.loads(meta["iterator"])])
