@@ -26,7 +26,7 @@ from bench.timing import timed
 from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import Sam, SamConfig, get_config
-from fedfms_jax.weights_file import check_shapes, expected_shapes, flat_path
+from fedfms_jax.weights_file import sam_from_tensors
 from fedfms_jax_reference.fedfms import build_torch_fedfms
 from fedfms_jax_reference.sam import state_dict_numpy
 from weights.convert import torch_to_flax
@@ -84,12 +84,9 @@ def build_models(config: SamConfig, env: Env, seed: int = 0) -> tuple[torch.nn.M
     torch_model = build_torch_fedfms(config, seed)
     tensors, _ = torch_to_flax(state_dict_numpy(torch_model), config.variant,
                                report=lambda *_: None)
-    flax_config = config.replace(dtype=env.jax_dtype)
-    check_shapes(tensors, expected_shapes(flax_config), "converted benchmark weights")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Sam(flax_config, rngs=nnx.Rngs(0))))
-    for path, variable in nnx.to_flat_state(state):
-        variable.set_value(jnp.asarray(tensors[flat_path(path)]))
-    return torch_model.to(env.torch_device), nnx.merge(graphdef, state)
+    sam = sam_from_tensors(config.replace(dtype=env.jax_dtype), tensors,
+                           "converted benchmark weights")
+    return torch_model.to(env.torch_device), sam
 
 
 def random_batch(config: SamConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +241,10 @@ def fed_round(variant: str, mode: str, num_clients: int, steps: int, batch: int,
     config = model_config(variant, mode)
     torch_model, sam = build_models(config, env)
     images, targets, num_samples = client_data(config, num_clients, steps, batch)
-    federation = jax_federation(sam, mode, num_clients, steps)
     batches = {"image": images, "mask_low_res": targets}
+    # train's default layout (fed.fit), as the memory cases run it.
+    federation = jax_federation(sam, mode, num_clients, steps,
+                                {k: v[0, 0] for k, v in batches.items()})
     mask = np.ones((num_clients, steps), bool)
     state = [federation.init()]
 
@@ -268,7 +267,7 @@ def fed_round(variant: str, mode: str, num_clients: int, steps: int, batch: int,
     return Pair(f"round {mode} {variant} K={num_clients}", jax_fn, torch_fn, 0.0,
                 num_clients * steps * batch, seconds,
                 {"variant": variant, "mode": mode, "clients": num_clients, "steps": steps,
-                 "batch": batch})
+                 "batch": batch, "clients_per_step": federation.layout.clients_per_step})
 
 
 # ---------------------------------------------------------------------- FedFMS protocol
@@ -293,10 +292,12 @@ def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 
     shape = (k, longest, batch)
     images = images.reshape(*shape, *images.shape[1:])
     targets = targets.reshape(*shape, *targets.shape[1:])
-    federation = Federation(sam, FedConfig(mode=mode, local_epochs=1,
-                                           learning_rate=ref.LEARNING_RATE,
-                                           pos_weight=ref.POS_WEIGHT), k)
     batches = {"image": images, "mask_low_res": targets}
+    federation = Federation.fitted(sam, FedConfig(mode=mode, local_epochs=1,
+                                                  learning_rate=ref.LEARNING_RATE,
+                                                  pos_weight=ref.POS_WEIGHT), k,
+                                   example_batch={name: v[0, 0] for name, v in batches.items()},
+                                   steps=steps, segment=longest)
     mask = step_mask(steps, longest)
     weights = [float(n) for n in num_samples]
     state = [federation.init()]
@@ -323,7 +324,7 @@ def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 
                  "masked_work": masked_work(plan, steps),
                  "masked_work_longest": masked_work(
                      [Segment(0, longest, tuple(range(k)), k)], steps),
-                 "calls": len(plan)})
+                 "calls": len(plan), "clients_per_step": federation.layout.clients_per_step})
 
 
 # ------------------------------------------------------------------- decoder-mode cache

@@ -519,13 +519,16 @@ class Federation:
             spec((width,), np.int32), rows, jax.ShapeDtypeStruct((), np.int32),
             np.float32(self.config.prox_mu)).compile()
         stats = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
         # On the host: the stretch being trained and the next one, drawn ahead.
         stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
             np.count_nonzero(np.asarray(steps) > 0))
         return fit.MemoryNeed(
             arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
             outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
-            resident=num_bytes(self.frozen), host_batches=2 * stretch)
+            resident=num_bytes(self.frozen), host_batches=2 * stretch,
+            flops=float(cost.get("flops", 0.0)))  # a scan's body counts once: one step
 
     def global_model(self, state: FedState) -> nnx.Module:
         """The global model (global trainable weights + the shared frozen weights)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.monitoring
 import numpy as np
@@ -14,15 +16,18 @@ from tests.fed.helpers import BATCH, NUM_CLIENTS, config, round_batches, tiny_mo
 GB = 10**9
 
 
-def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0):
+def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0,
+                 client_step_flops: float = 0.0):
     """measure(remat, width) of a model whose activations cost per_client_temp[remat] GB per
-    client at once, on top of `fixed` GB; records the calls."""
+    client at once, on top of `fixed` GB, and whose step costs client_step_flops per client;
+    records the calls."""
     calls = []
 
     def measure(remat, width):
         calls.append((remat, width))
         return fit.MemoryNeed(arguments=int(fixed * GB), temporaries=int(
-            per_client_temp[remat] * width * GB), outputs=0, resident=0, host_batches=0)
+            per_client_temp[remat] * width * GB), outputs=0, resident=0, host_batches=0,
+            flops=client_step_flops * width)
     return measure, calls
 
 
@@ -63,10 +68,36 @@ def test_on_the_cpu_less_recomputation_first_within_half_the_free_ram():
     layout = fit.choose_layout(measure, 2, 1, available=20 * GB, **cpu)
     assert (layout.remat, layout.clients_per_step) == ("blocks", 1)
     assert calls == [("off", 2), ("blocks", 2), ("blocks", 1)]
-    # With room for everything the CPU policy also trains all clients at once, no remat.
+    # With room for everything (and steps too small to cap the width: no flops here) the
+    # CPU policy also trains all clients at once, no remat.
     assert fit.choose_layout(fake_measure(TEMP)[0], 2, 1, available=80 * GB,
                              **cpu).remat == "off"
     assert fit.policy("gpu") == {"prefer": "width", "headroom": fit.HEADROOM}
+
+
+def test_on_the_cpu_clients_are_batched_only_while_a_step_is_small():
+    """call_flops caps the width at the narrowest whose step has that much work, read from
+    the first (full-width) compile; memory is then chosen below the cap as before."""
+    small = {"off": 0.1, "blocks": 0.05, "full": 0.04}
+    # 6 clients of 0.7 GFLOP a step, 2 GFLOP wanted per call: 3 at once (2.1), not 2 (1.4).
+    measure, calls = fake_measure(small, client_step_flops=0.7e9)
+    layout = fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
+                               call_flops=2e9)
+    assert (layout.remat, layout.clients_per_step) == ("off", 3)
+    assert calls == [("off", 6), ("off", 3)]
+    # A step that alone has the work: one client at a time.
+    measure, _ = fake_measure(small, client_step_flops=5.7e9)
+    assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
+                             call_flops=2e9).clients_per_step == 1
+    # Tiny steps: all at once. A configured width is kept whatever its work.
+    measure, _ = fake_measure(small, client_step_flops=0.1e9)
+    assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
+                             call_flops=2e9).clients_per_step == 6
+    measure, _ = fake_measure(small, client_step_flops=5.7e9)
+    assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
+                             call_flops=2e9, clients_per_step=4).clients_per_step == 4
+    cpu = fit.policy("cpu")
+    assert cpu["call_flops"] == fit.CPU_CALL_FLOPS_PER_CORE * len(os.sched_getaffinity(0))
 
 
 def test_fixed_settings_are_kept():
