@@ -10,10 +10,11 @@ in use; on the CPU the host's available RAM), of which it plans to use a share (
 
 Candidates: how many clients at once (up to all of them) and how much recomputation
 (`model.remat` off < blocks < full); on an accelerator the widest first, on the CPU the
-least recomputation first (`policy` says why). The activations grow linearly with the
-clients trained at once, so a narrower layout is compiled only when the full-width compile
-of its remat mode predicts that it fits. Compiling the chosen layout fills
-JAX's compilation caches, so the first round does not compile it again.
+least recomputation first and no wider than a step's work needs (`policy` says why). The
+activations grow linearly with the clients trained at once, so a narrower layout is
+compiled only when the full-width compile of its remat mode predicts that it fits.
+Compiling the chosen layout fills JAX's compilation caches, so the first round does not
+compile it again; the candidates that do not run are released (`Federation.fitted`).
 """
 
 from __future__ import annotations
