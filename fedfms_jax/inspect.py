@@ -18,6 +18,7 @@ from flax import nnx
 
 from fedfms_jax.fed.partition import (DEFAULT_LORA_RANK, MODES, breakdown, config_for_mode,
                                       num_bytes, num_params, split)
+from fedfms_jax import models
 from fedfms_jax.models import VARIANTS, Sam, SamConfig, get_config
 
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
@@ -25,9 +26,9 @@ BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
 
 @functools.lru_cache(maxsize=8)
 def abstract_sam(config: SamConfig) -> Sam:
-    """The model with shapes and dtypes only (nnx.eval_shape): ViT-H costs no memory.
-    Cached: tracing a ViT-H initialiser takes seconds."""
-    return nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0)))
+    """`models.abstract_sam`, cached (only read here): ViT-H costs no memory, but tracing
+    its initialiser takes seconds."""
+    return models.abstract_sam(config)
 
 
 def report(config: SamConfig, mode: str) -> dict:

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from fedfms_jax.data.preprocessing import Preprocessing
-from fedfms_jax.models import Sam, SamConfig
+from fedfms_jax.models import Sam, SamConfig, abstract_sam
 
 FORMAT = "fedfms_jax.sam"
 
@@ -48,10 +48,14 @@ def flat_state(model: nnx.Module) -> dict[str, jax.Array]:
             for path, variable in nnx.to_flat_state(nnx.state(model))}
 
 
+def shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Flat path -> shape of every variable of the model (abstract or not)."""
+    return {key: tuple(value.shape) for key, value in flat_state(model).items()}
+
+
 def expected_shapes(config: SamConfig) -> dict[str, tuple[int, ...]]:
     """Flat path -> shape of every variable of a model with this config, without allocating it."""
-    abstract = nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0)))
-    return {key: tuple(value.shape) for key, value in flat_state(abstract).items()}
+    return shapes(abstract_sam(config))
 
 
 def check_shapes(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
@@ -148,8 +152,9 @@ def sam_from_tensors(config: SamConfig, tensors: dict[str, np.ndarray], source: 
     """The SAM of `config` holding `tensors` (flat Flax paths, shapes checked; the error
     names `source`). jax.device_put, not jnp.asarray: the latter compiles one small XLA
     program per distinct shape (ViT-B: 35 of them, 1.2 s and ~60 MB of resident memory)."""
-    check_shapes(tensors, expected_shapes(config), source)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0))))
+    abstract = abstract_sam(config)  # traced once: for the check and for the variables
+    check_shapes(tensors, shapes(abstract), source)
+    graphdef, state = nnx.split(abstract)
     for key_path, variable in nnx.to_flat_state(state):
         variable.set_value(jax.device_put(tensors[flat_path(key_path)]))
     return nnx.merge(graphdef, state)

@@ -185,13 +185,14 @@ def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
              else [(mode, width) for mode in modes for width in widths])
     needs: dict[tuple[str, int], MemoryNeed] = {}
     least = None  # (bytes, mode, width, compiled?) of the leanest candidate seen
-    cap = widest  # the widest worth running (call_flops)
+    cap = None  # the widest worth running (call_flops), from the first compile
     for mode, width in order:
         if (mode, widest) not in needs:
             needs[mode, widest] = measure(mode, widest)
-            if call_flops and not clients_per_step and len(needs) == 1:
-                per_client = needs[mode, widest].flops / widest
-                cap = min((w for w in widths if w * per_client >= call_flops), default=widest)
+        if cap is None:
+            per_client = needs[mode, widest].flops / widest
+            cap = (min((w for w in widths if w * per_client >= call_flops), default=widest)
+                   if call_flops and not clients_per_step else widest)
         if width > cap:
             continue
         full = needs[mode, widest]

@@ -425,7 +425,7 @@ class Federation:
         like `example_batch` (one client's, [B, ...] fields) into the memory free now
         (fed.fit; `compiled_memory`). The choice is `.layout`."""
         mesh = sharding.client_mesh() if mesh is None else mesh
-        compiled = []  # the candidates' jitted local steps
+        candidates = []  # every candidate's jitted local steps
 
         def make(mode: str, width: int) -> Federation:
             model.set_remat(mode)
@@ -434,7 +434,7 @@ class Federation:
 
         def measure(mode: str, width: int) -> fit.MemoryNeed:
             candidate = make(mode, width)
-            compiled.append(candidate._local_steps)
+            candidates.append(candidate._local_steps)
             return candidate.compiled_memory(example_batch, steps, segment)
 
         layout = fit.choose_layout(measure, num_clients, mesh.size, remat=remat,
@@ -442,7 +442,7 @@ class Federation:
                                    **fit.policy(mesh.devices.flat[0].platform))
         federation = make(layout.remat, layout.clients_per_step)
         federation.layout = layout
-        for local_steps in compiled:
+        for local_steps in candidates:
             if local_steps is not federation._local_steps:
                 local_steps.clear_cache()  # a program never to run (~170 MB, small variant)
         fit.release_free_heap()  # what the candidates' compiles left on the heap

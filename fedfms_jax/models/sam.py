@@ -96,14 +96,19 @@ class Sam(nnx.Module):
         return self.decode(self.image_encoder(images), **prompts)
 
 
+def abstract_sam(config: SamConfig) -> Sam:
+    """A Sam of `config` with shapes and dtypes only (nnx.eval_shape): nothing is allocated.
+    Each call traces anew (ViT-B: ~1 s) and returns Variables of its own to fill."""
+    return nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(0)))
+
+
 def extend(base: Sam, config: SamConfig, *, rngs: nnx.Rngs) -> Sam:
     """A model with `config` that starts from `base`: every variable of base is copied and
     the rest (adapters, LoRA, class head) is initialised from rngs. E.g. pretrained SAM ->
     FedMSA's starting model: extend(load_sam(path), config.replace(adapter="msa"), rngs=...).
     """
     key = rngs.params()
-    abstract = nnx.eval_shape(lambda: Sam(config, rngs=nnx.Rngs(params=key)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(abstract_sam(config))
     new = dict(nnx.to_flat_state(state))
     old = dict(nnx.to_flat_state(nnx.state(base)))
     problems = [f"{'.'.join(map(str, path))}: not in the new model" for path in old
