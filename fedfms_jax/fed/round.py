@@ -519,8 +519,7 @@ class Federation:
             spec((width,), np.int32), rows, jax.ShapeDtypeStruct((), np.int32),
             np.float32(self.config.prox_mu)).compile()
         stats = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+        cost = compiled.cost_analysis() or {}
         # On the host: the stretch being trained and the next one, drawn ahead.
         stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
             np.count_nonzero(np.asarray(steps) > 0))

@@ -4,5 +4,5 @@ from fedfms_jax.models.sam import (Sam, abstract_sam, postprocess_masks, preproc
                                    transform_coords)
 from fedfms_jax.models.variants import VARIANTS, SamConfig, get_config
 
-__all__ = ["Sam", "SamConfig", "abstract_sam", "VARIANTS", "get_config", "preprocess", "postprocess_masks",
-           "transform_coords"]
+__all__ = ["Sam", "SamConfig", "abstract_sam", "VARIANTS", "get_config", "preprocess",
+           "postprocess_masks", "transform_coords"]
