@@ -10,9 +10,11 @@ in use; on the CPU the host's available RAM), of which it plans to use a share (
 
 Candidates: how many clients at once (up to all of them) and how much recomputation
 (`model.remat` off < blocks < full); on an accelerator the widest first, on the CPU the
-least recomputation first and no wider than a step's work needs (`policy` says why). The
+least recomputation first and no wider than a step's work needs (`policy` says why; the
+work is read from the lowered program, so a width above that is never compiled). The
 activations grow linearly with the clients trained at once, so a narrower layout is
-compiled only when the full-width compile of its remat mode predicts that it fits.
+compiled only when the compile of its remat mode at the widest width worth running
+predicts that it fits.
 Compiling the chosen layout fills JAX's compilation caches, so the first round does not
 compile it again; the candidates that do not run are released (`Federation.fitted`).
 """
@@ -38,12 +40,12 @@ HEADROOM = 0.85
 # ... and of the host's free RAM on the CPU backend (see `policy`).
 HOST_SHARE = 0.5
 # On the CPU, clients are batched together only until a call's step has this much work per
-# core (XLA's cost analysis): ~10 ms at a 2-core host's fp32 roof, past which per-operation
-# overheads no longer dominate and more clients at once only add memory. Measured on a
-# 2-core AMD EPYC, fedmsa, batch 4: the tiny variant (0.2 GFLOP a client-step) trains 3
-# clients 15% faster at once than one at a time; the small variant at 256 px (5.7 GFLOP)
-# as fast one at a time at K = 4 (0.92 against 0.97 s a round of 2 steps) and faster at
-# K = 8 (1.87 against 2.34 s), with a quarter of the temporaries.
+# core (XLA's cost analysis of the lowered program): ~10 ms at a 2-core host's fp32 roof,
+# past which per-operation overheads no longer dominate and more clients at once only add
+# memory. Measured on a 2-core AMD EPYC, fedmsa, batch 4: the tiny variant (0.2 GFLOP a
+# client-step) trains 3 clients 15% faster at once than one at a time; the small variant at
+# 256 px (5.7 GFLOP) as fast one at a time at K = 4 (0.92 against 0.97 s a round of 2
+# steps) and faster at K = 8 (1.87 against 2.34 s), with a quarter of the temporaries.
 CPU_CALL_FLOPS_PER_CORE = 1e9
 GB = 1e9
 
@@ -57,7 +59,6 @@ class MemoryNeed:
     outputs: int      # what is not written in place of a donated input
     resident: int     # of the arguments, what is held anyway (the frozen weights)
     host_batches: int  # the segment's batches as numpy arrays on the host
-    flops: float = 0.0  # XLA's cost analysis of one step of all the call's clients
 
     @property
     def total(self) -> int:
@@ -165,14 +166,16 @@ def policy(platform: str) -> dict:
 def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
                   num_devices: int, *, remat: str = "auto", clients_per_step: int = 0,
                   available: int | None = None, prefer: str = "width",
-                  headroom: float = HEADROOM, call_flops: float = 0.0) -> Layout:
+                  headroom: float = HEADROOM, call_flops: float = 0.0,
+                  step_flops: Callable[[int], float] | None = None) -> Layout:
     """The layout to run: `measure(remat, clients_per_step)` compiles one candidate and
     returns its MemoryNeed. remat "auto" and clients_per_step 0 are chosen; a fixed value is
     kept (and, when both are fixed, nothing is compiled here). prefer "width": the most
     clients at once, then the least recomputation; "recompute": the other way round (see
-    `policy`). call_flops > 0 (a chosen width): no wider than the narrowest candidate whose
-    step has that much work, from the first full-width compile. The first candidate whose
-    need is within headroom x the free memory wins."""
+    `policy`). call_flops > 0 and `step_flops(width)` (the FLOPs of one step of that many
+    clients, read without compiling) with a chosen width: no wider than the narrowest
+    candidate whose step has that much work; wider ones are never compiled. The first
+    candidate whose need is within headroom x the free memory wins."""
     if remat != "auto" and clients_per_step:
         return Layout(remat, min(clients_per_step, num_clients), num_clients, 0, 0, False)
     free = available_memory() if available is None else available
@@ -180,21 +183,18 @@ def choose_layout(measure: Callable[[str, int], MemoryNeed], num_clients: int,
     modes = REMAT_MODES if remat == "auto" else (remat,)
     widths = ([min(clients_per_step, num_clients)] if clients_per_step
               else candidate_widths(num_clients, num_devices))
-    widest = widths[0]
+    if call_flops and step_flops is not None and not clients_per_step:
+        per_client = step_flops(widths[0]) / widths[0]
+        cap = min((w for w in widths if w * per_client >= call_flops), default=widths[0])
+        widths = [w for w in widths if w <= cap]
+    widest = widths[0]  # worth running: its compile predicts the narrower ones' needs
     order = ([(mode, width) for width in widths for mode in modes] if prefer == "width"
              else [(mode, width) for mode in modes for width in widths])
     needs: dict[tuple[str, int], MemoryNeed] = {}
     least = None  # (bytes, mode, width, compiled?) of the leanest candidate seen
-    cap = None  # the widest worth running (call_flops), from the first compile
     for mode, width in order:
         if (mode, widest) not in needs:
             needs[mode, widest] = measure(mode, widest)
-        if cap is None:
-            per_client = needs[mode, widest].flops / widest
-            cap = (min((w for w in widths if w * per_client >= call_flops), default=widest)
-                   if call_flops and not clients_per_step else widest)
-        if width > cap:
-            continue
         full = needs[mode, widest]
         # The activations scale with the clients at once; the state and batches do not.
         estimate = full.total - full.temporaries * (1 - width / widest)

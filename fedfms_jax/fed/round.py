@@ -437,14 +437,20 @@ class Federation:
             candidates.append(candidate._local_steps)
             return candidate.compiled_memory(example_batch, steps, segment)
 
+        def step_flops(width: int) -> float:  # the step's own work: no recomputation
+            candidate = make("off", width)
+            candidates.append(candidate._local_steps)
+            return candidate.step_flops(example_batch, steps, segment)
+
         layout = fit.choose_layout(measure, num_clients, mesh.size, remat=remat,
                                    clients_per_step=config.clients_per_step or 0,
+                                   step_flops=step_flops,
                                    **fit.policy(mesh.devices.flat[0].platform))
         federation = make(layout.remat, layout.clients_per_step)
         federation.layout = layout
         for local_steps in candidates:
             if local_steps is not federation._local_steps:
-                local_steps.clear_cache()  # a program never to run (~170 MB, small variant)
+                local_steps.clear_cache()  # a program never to run (~120-190 MB, small)
         fit.release_free_heap()  # what the candidates' compiles left on the heap
         return federation
 
@@ -505,6 +511,30 @@ class Federation:
         [B, ...] fields), clients taking steps[k] steps in segments of `segment`, and read
         XLA's memory analysis. Nothing is allocated; the compiled code is cached, so the
         first round does not compile it again."""
+        stats = self._lower_first_call(example_batch, steps, segment).compile(
+            ).memory_analysis()
+        length = self.plan(steps, segment)[0].length
+        # On the host: the stretch being trained and the next one, drawn ahead.
+        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
+            np.count_nonzero(np.asarray(steps) > 0))
+        return fit.MemoryNeed(
+            arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+            outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
+            resident=num_bytes(self.frozen), host_batches=2 * stretch)
+
+    def step_flops(self, example_batch: Mapping[str, np.ndarray], steps: Sequence[int],
+                   segment: int) -> float:
+        """FLOPs of one local step of the same call as `compiled_memory` (all its clients),
+        from XLA's cost analysis of the lowered program: nothing is compiled (on the CPU a
+        fraction of a second against the compile's ~10 s, small variant; within a few
+        percent of the compiled program's count). 0 where the backend gives no analysis."""
+        cost = self._lower_first_call(example_batch, steps, segment).cost_analysis() or {}
+        return float(cost.get("flops", 0.0))  # a scan's body counts once: one step
+
+    def _lower_first_call(self, example_batch: Mapping[str, np.ndarray],
+                          steps: Sequence[int], segment: int) -> jax.stages.Lowered:
+        """The local steps of the round's first planned call, lowered for abstract inputs
+        like `example_batch`."""
         group = self.plan(steps, segment)[0]
         width, length = group.width, group.length
         clients = sharding.client_sharding(self.mesh)
@@ -514,20 +544,10 @@ class Federation:
                    for k, v in example_batch.items()}
         whole = width == self.num_padded and group.clients == tuple(range(len(group.clients)))
         rows = None if whole else spec((width,), np.int32, sharding.replicated(self.mesh))
-        compiled = self._local_steps.lower(
+        return self._local_steps.lower(
             self.frozen, self.abstract_state(), batches, spec((width, length), np.bool_),
             spec((width,), np.int32), rows, jax.ShapeDtypeStruct((), np.int32),
-            np.float32(self.config.prox_mu)).compile()
-        stats = compiled.memory_analysis()
-        cost = compiled.cost_analysis() or {}
-        # On the host: the stretch being trained and the next one, drawn ahead.
-        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
-            np.count_nonzero(np.asarray(steps) > 0))
-        return fit.MemoryNeed(
-            arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
-            outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
-            resident=num_bytes(self.frozen), host_batches=2 * stretch,
-            flops=float(cost.get("flops", 0.0)))  # a scan's body counts once: one step
+            np.float32(self.config.prox_mu))
 
     def global_model(self, state: FedState) -> nnx.Module:
         """The global model (global trainable weights + the shared frozen weights)."""

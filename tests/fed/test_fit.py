@@ -16,19 +16,27 @@ from tests.fed.helpers import BATCH, NUM_CLIENTS, config, round_batches, tiny_mo
 GB = 10**9
 
 
-def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0,
-                 client_step_flops: float = 0.0):
+def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0):
     """measure(remat, width) of a model whose activations cost per_client_temp[remat] GB per
-    client at once, on top of `fixed` GB, and whose step costs client_step_flops per client;
-    records the calls."""
+    client at once, on top of `fixed` GB; records the calls (the compiles)."""
     calls = []
 
     def measure(remat, width):
         calls.append((remat, width))
         return fit.MemoryNeed(arguments=int(fixed * GB), temporaries=int(
-            per_client_temp[remat] * width * GB), outputs=0, resident=0, host_batches=0,
-            flops=client_step_flops * width)
+            per_client_temp[remat] * width * GB), outputs=0, resident=0, host_batches=0)
     return measure, calls
+
+
+def fake_step_flops(client_step_flops: float):
+    """step_flops(width) of a step that costs client_step_flops per client; records the
+    widths read."""
+    read = []
+
+    def step_flops(width):
+        read.append(width)
+        return client_step_flops * width
+    return step_flops, read
 
 
 TEMP = {"off": 14.0, "blocks": 5.7, "full": 4.2}  # ViT-B 1024 FedMSA, one image, compiled
@@ -77,25 +85,41 @@ def test_on_the_cpu_less_recomputation_first_within_half_the_free_ram():
 
 def test_on_the_cpu_clients_are_batched_only_while_a_step_is_small():
     """call_flops caps the width at the narrowest whose step has that much work, read from
-    the first (full-width) compile; memory is then chosen below the cap as before."""
+    the full-width lowering before anything is compiled; wider layouts are never compiled,
+    and memory is chosen below the cap as before."""
     small = {"off": 0.1, "blocks": 0.05, "full": 0.04}
     # 6 clients of 0.7 GFLOP a step, 2 GFLOP wanted per call: 3 at once (2.1), not 2 (1.4).
-    measure, calls = fake_measure(small, client_step_flops=0.7e9)
+    measure, calls = fake_measure(small)
+    step_flops, read = fake_step_flops(0.7e9)
     layout = fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
-                               call_flops=2e9)
+                               call_flops=2e9, step_flops=step_flops)
     assert (layout.remat, layout.clients_per_step) == ("off", 3)
-    assert calls == [("off", 6), ("off", 3)]
-    # A step that alone has the work: one client at a time.
-    measure, _ = fake_measure(small, client_step_flops=5.7e9)
+    assert (read, calls) == ([6], [("off", 3)])
+    # A step that alone has the work: one client at a time, the only compile.
+    measure, calls = fake_measure(small)
     assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
-                             call_flops=2e9).clients_per_step == 1
-    # Tiny steps: all at once. A configured width is kept whatever its work.
-    measure, _ = fake_measure(small, client_step_flops=0.1e9)
-    assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
-                             call_flops=2e9).clients_per_step == 6
-    measure, _ = fake_measure(small, client_step_flops=5.7e9)
-    assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
-                             call_flops=2e9, clients_per_step=4).clients_per_step == 4
+                             call_flops=2e9,
+                             step_flops=fake_step_flops(5.7e9)[0]).clients_per_step == 1
+    assert calls == [("off", 1)]
+    # Below the cap memory still decides: 1 client of "off" does not fit 0.5 x 2.2 GB free
+    # (1 + 1.2 GB), one of "blocks" does; the full width (6) is never compiled.
+    big = {"off": 1.2, "blocks": 0.05, "full": 0.04}
+    measure, calls = fake_measure(big)
+    layout = fit.choose_layout(measure, 6, 1, available=2.2 * GB, prefer="recompute",
+                               headroom=0.5, call_flops=2e9,
+                               step_flops=fake_step_flops(5.7e9)[0])
+    assert (layout.remat, layout.clients_per_step, calls) == (
+        "blocks", 1, [("off", 1), ("blocks", 1)])
+    # Tiny steps: all at once. A configured width is kept whatever its work (and no FLOPs
+    # are read for it).
+    assert fit.choose_layout(fake_measure(small)[0], 6, 1, available=80 * GB,
+                             prefer="recompute", call_flops=2e9,
+                             step_flops=fake_step_flops(0.1e9)[0]).clients_per_step == 6
+    step_flops, read = fake_step_flops(5.7e9)
+    assert fit.choose_layout(fake_measure(small)[0], 6, 1, available=80 * GB,
+                             prefer="recompute", call_flops=2e9, step_flops=step_flops,
+                             clients_per_step=4).clients_per_step == 4
+    assert read == []
     cpu = fit.policy("cpu")
     assert cpu["call_flops"] == fit.CPU_CALL_FLOPS_PER_CORE * len(os.sched_getaffinity(0))
 
@@ -181,3 +205,27 @@ def test_release_free_heap_returns_what_was_freed_to_the_os():
     assert fit.release_free_heap()
     assert kept - rss_mb() > 64, (kept, rss_mb())
     del last
+
+
+def test_step_flops_are_read_without_compiling_and_match_the_compiled_count():
+    """The width cap's FLOPs come from the lowered program (XLA's cost analysis, nothing
+    compiled) and agree with the compiled program's count."""
+    from fedfms_jax.fed.round import Federation
+
+    fed = Federation(tiny_model(), config(local_steps=2, local_epochs=None), NUM_CLIENTS)
+    example = {k: v[0, 0] for k, v in round_batches(0).items()}
+    steps = [2] * NUM_CLIENTS
+    compiles = []
+
+    def listener(name, *_, **__):
+        if "backend_compile" in name:
+            compiles.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        flops = fed.step_flops(example, steps, segment=2)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    compiled = fed._lower_first_call(example, steps, segment=2).compile().cost_analysis()
+    assert flops > 0
+    assert flops == pytest.approx(compiled["flops"], rel=0.05)
