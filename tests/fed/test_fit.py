@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -14,6 +15,21 @@ from fedfms_jax.fed.partition import num_bytes
 from tests.fed.helpers import BATCH, NUM_CLIENTS, config, round_batches, tiny_model
 
 GB = 10**9
+
+
+@contextlib.contextmanager
+def recorded_compiles():
+    """The XLA compiles that happen inside the block (jax.monitoring events), as a list."""
+    compiles = []
+
+    def listener(name, *_, **__):
+        if "backend_compile" in name:
+            compiles.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def fake_measure(per_client_temp: dict[str, float], fixed: float = 1.0):
@@ -169,17 +185,9 @@ def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
     need = fed.compiled_memory(example, steps, segment=2)
     state, _ = fed.finish_local(fed.begin_round(fed.init()))  # compiles the round's edges
     jax.block_until_ready(state)
-    compiles = []
-
-    def listener(name, *_, **__):
-        if "backend_compile" in name:
-            compiles.append(name)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         state, losses, _ = fed.local_round(state, steps, lambda todo: batches, segment=2)
         jax.block_until_ready(state)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert np.isfinite(losses).all()
     client_state = num_bytes(state.client_params) + num_bytes(state.client_opt_state)
@@ -209,22 +217,15 @@ def test_release_free_heap_returns_what_was_freed_to_the_os():
 
 def test_step_flops_are_read_without_compiling_and_match_the_compiled_count():
     """The width cap's FLOPs come from the lowered program (XLA's cost analysis, nothing
-    compiled) and agree with the compiled program's count."""
+    compiled) and agree with the compiled program's count to a few percent (XLA's rewrites
+    add a little: 3% here, 0.4-1.5% for the small variant), plenty for choosing a width."""
     from fedfms_jax.fed.round import Federation
 
     fed = Federation(tiny_model(), config(local_steps=2, local_epochs=None), NUM_CLIENTS)
     example = {k: v[0, 0] for k, v in round_batches(0).items()}
     steps = [2] * NUM_CLIENTS
-    compiles = []
-
-    def listener(name, *_, **__):
-        if "backend_compile" in name:
-            compiles.append(name)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         flops = fed.step_flops(example, steps, segment=2)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     compiled = fed._lower_first_call(example, steps, segment=2).compile().cost_analysis()
     assert flops > 0
