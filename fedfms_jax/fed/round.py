@@ -511,11 +511,10 @@ class Federation:
         [B, ...] fields), clients taking steps[k] steps in segments of `segment`, and read
         XLA's memory analysis. Nothing is allocated; the compiled code is cached, so the
         first round does not compile it again."""
-        stats = self._lower_first_call(example_batch, steps, segment).compile(
-            ).memory_analysis()
-        length = self.plan(steps, segment)[0].length
+        group = self.plan(steps, segment)[0]
+        stats = self._lower_call(example_batch, group).compile().memory_analysis()
         # On the host: the stretch being trained and the next one, drawn ahead.
-        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * int(
+        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * group.length * int(
             np.count_nonzero(np.asarray(steps) > 0))
         return fit.MemoryNeed(
             arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
@@ -528,14 +527,14 @@ class Federation:
         from XLA's cost analysis of the lowered program: nothing is compiled (on the CPU a
         fraction of a second against the compile's ~10 s, small variant; within a few
         percent of the compiled program's count). 0 where the backend gives no analysis."""
-        cost = self._lower_first_call(example_batch, steps, segment).cost_analysis() or {}
+        lowered = self._lower_call(example_batch, self.plan(steps, segment)[0])
+        cost = lowered.cost_analysis() or {}
         return float(cost.get("flops", 0.0))  # a scan's body counts once: one step
 
-    def _lower_first_call(self, example_batch: Mapping[str, np.ndarray],
-                          steps: Sequence[int], segment: int) -> jax.stages.Lowered:
-        """The local steps of the round's first planned call, lowered for abstract inputs
-        like `example_batch`."""
-        group = self.plan(steps, segment)[0]
+    def _lower_call(self, example_batch: Mapping[str, np.ndarray],
+                    group: Segment) -> jax.stages.Lowered:
+        """The local steps of one planned call (a `plan` group), lowered for abstract
+        inputs like `example_batch`."""
         width, length = group.width, group.length
         clients = sharding.client_sharding(self.mesh)
         spec = lambda shape, dtype, where=clients: jax.ShapeDtypeStruct(shape, dtype,
