@@ -37,11 +37,14 @@ CHECKPOINTS = "checkpoints"
 class Experiment:
     """Everything a run needs, built once from a config (data, model, federation, streams).
 
-    The config is validated first (ConfigError before any data is read)."""
+    The config is validated first (ConfigError before any data is read). With train=True
+    the federation is fitted to the free memory at once (`fit`, which compiles); a caller
+    with something to check first (a resume) builds with train=False and calls `fit` after."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None, train: bool = True):
         validate(config)
         self.config = config
+        self.mesh = mesh
         self.sites = build.load_data(config)
         # Kept: a Flower site builds its one client's Federation from it (flower/site.py).
         self.model = model = build.build_model(config)
@@ -55,17 +58,22 @@ class Experiment:
             self.client_records)
         self.streams = ClientStreams(config, self.client_records, self.federation.client_ids,
                                      self._pipeline_options(), cache=self.embedding_cache)
-        if train:
-            # Fitted to the free memory: clients at once and remat chosen from a compile of
-            # the local steps on a batch like the streams' (the first round reuses it).
-            self.federation = build.federation(config, model, self.plan, mesh=mesh,
-                                               example_batch=self.streams.example_batch())
         self.total_params = num_params(nnx.state(model, nnx.Param))
         self.trainable_params = num_params(self.federation.initial_params)
         self.steps = self.federation.client_steps(self.plan.num_samples, config.data.batch_size)
         self._predict = _make_predict(self.federation.graphdef)
         self.preprocessing = build.preprocessing_for(config, model.config)
         self.eval_settings = EvalSettings.from_config(config.eval)
+        if train:
+            self.fit()
+
+    def fit(self) -> None:
+        """Fits the federation to the free memory: clients at once and remat chosen from a
+        compile of the local steps on a batch like the streams' (the first round reuses
+        it). Compiles: seconds at the tiny model, minutes for ViT-B at 1024."""
+        self.federation = build.federation(self.config, self.model, self.plan, mesh=self.mesh,
+                                           example_batch=self.streams.example_batch())
+        self._predict = _make_predict(self.federation.graphdef)
 
     def _pipeline_options(self) -> dict:
         return pipeline_options(self.config, self.image_size, self.model_config.low_res_size)

@@ -29,7 +29,7 @@ from fedfms_jax.data.records import DataError
 from fedfms_jax.experiment import (CHECKPOINTS, SUMMARY_HEADER, Experiment, eval_record,
                                    summary_rows)
 from fedfms_jax.fed.accounting import accountant_for, budget_message
-from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer
+from fedfms_jax.fed.checkpoint import CheckpointMismatch, FedCheckpointer, latest_meta
 from fedfms_jax.fed.comm import CommLedger
 from fedfms_jax.plot import PREDICTIONS_FILE
 from fedfms_jax.run_log import FINAL_WEIGHTS, RunLog, format_table, save_final  # noqa: F401
@@ -107,20 +107,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, fresh: bool =
     """Trains to config.rounds (resuming the workdir's last checkpoint) and returns the
     final evaluation: {"val": {site: SiteScores}, "test": {...}, "seconds": f, ...}."""
     workdir = Path(workdir).resolve()  # Orbax refuses relative checkpoint paths
-    experiment = Experiment(config)  # checks config, reads data, builds model: no compile yet
+    # Checks config, reads data, builds model: no compile until the checkpoint is accepted.
+    experiment = Experiment(config, train=False)
     accountant = accountant_for(config.privacy.noise_multiplier, config.privacy.delta,
                                 len(experiment.plan.names), config.train.client_fraction)
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    meta = latest_meta(workdir / CHECKPOINTS)
+    if meta is not None:  # refused before the fit's compile (minutes at ViT-B), not after
+        check_resume(meta, experiment, workdir / CHECKPOINTS)
+    experiment.fit()
     echo(experiment.describe())
     federation = experiment.federation
     checkpointer = FedCheckpointer(workdir / CHECKPOINTS, federation, max_to_keep=2)
     log = RunLog(workdir, config.tensorboard)
     state = experiment.init_state()
     ledger = CommLedger.empty(len(experiment.plan.names))
-    if checkpointer.latest_round() is not None:
-        check_resume(checkpointer.read_meta(), experiment, workdir / CHECKPOINTS)
+    if meta is not None:
         restored = checkpointer.restore(state)
         state = restored.state
         ledger = restored.ledger or ledger

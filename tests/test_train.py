@@ -13,6 +13,7 @@ import pytest
 from fedfms_jax.config import ConfigError, load_config_file, validate
 from fedfms_jax.evaluate import RunError, evaluate
 from fedfms_jax.fed.checkpoint import CheckpointMismatch
+from fedfms_jax.fed.round import Federation
 from fedfms_jax.run_log import FINAL_WEIGHTS, read_records
 from fedfms_jax.train import run
 from fedfms_jax.weights_file import read_weights
@@ -68,8 +69,11 @@ def test_run_logs_evaluates_and_resumes_exactly(tmp_path, monkeypatch):
         evaluate(tmp_path / "nowhere")
 
     saved = (straight / "config.json").read_text()
-    # A config that would change the trajectory is refused, naming every field; nothing
-    # of the run is touched.
+    # A config that would change the trajectory is refused, naming every field, before the
+    # engine is fitted (a compile: minutes at ViT-B); nothing of the run is touched.
+    def no_fit(*_, **__):
+        raise AssertionError("the federation was fitted before the checkpoint was checked")
+    monkeypatch.setattr(Federation, "fitted", no_fit)
     changed = small_config()
     changed.update(mode="fedmsa", rounds=4, seed=5)
     changed.data.batch_size = 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -105,6 +106,23 @@ def _spec(flat: dict[str, Any]) -> dict[str, list]:
     return {k: [list(np.shape(v)), str(np.dtype(v.dtype))] for k, v in flat.items()}
 
 
+def latest_meta(directory) -> dict | None:
+    """The JSON part of the latest checkpoint in `directory` (None: there is none), read
+    without a federation: a run checks it before it builds and compiles its engine."""
+    if not Path(directory).is_dir():
+        return None
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step()
+        return None if step is None else _read_meta(manager, step)
+    finally:
+        manager.close()
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 class FedCheckpointer:
     """Save and restore a Federation's state every round (or as often as called).
 
@@ -158,9 +176,7 @@ class FedCheckpointer:
 
     def read_meta(self, round_index: int | None = None) -> dict:
         """The JSON part of a checkpoint (the latest by default)."""
-        step = self._step(round_index)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        return _read_meta(self.manager, self._step(round_index))
 
     def restore(self, like: FedState, round_index: int | None = None, *,
                 check_frozen: bool = True) -> Restored:
