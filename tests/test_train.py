@@ -273,6 +273,10 @@ def test_decoder_mode_encodes_each_image_once_and_trains_identically():
     for storage in ("disk", "off"):
         config = small_config(mode="decoder")
         config.train.embedding_cache = storage
+        # 2 steps of 4 for both clients (12 and 7 images): every image is drawn in the two
+        # rounds, and one compiled program per storage instead of two (a 3-step client
+        # alone would need a second).
+        config.train.local_steps = 2
         experiment = Experiment(config)
         state = experiment.init_state()
         for _ in range(2):
@@ -280,7 +284,7 @@ def test_decoder_mode_encodes_each_image_once_and_trains_identically():
         states[storage], caches[storage] = snapshot(state), experiment.embedding_cache
     cache = caches["disk"]
     assert caches["off"] is None and cache.storage == "disk" and cache.path
-    # 19 training images, 2 epochs: each encoded exactly once.
+    # 19 training images, 16 draws per client: each encoded exactly once.
     assert cache.computed == len(cache.done) == 19 and cache.done.all()
     assert_trees_equal(states["disk"], states["off"])
 
