@@ -151,12 +151,17 @@ class Experiment:
                 continue
             if local and split == "test":
                 scores[site] = evaluation.mean_scores(
-                    [self.score(client_params(state, k), records)
+                    [self.score(self.client_params(state, k), records)
                      for k in range(len(self.plan.names))])
             else:
                 kept = None if predictions is None else predictions.setdefault(site, {})
                 scores[site] = self.score(self.params_for(state, site), records, kept)
         return scores
+
+    def client_params(self, state: FedState, client: int) -> dict:
+        """Client k's own trainable weights (the local baseline evaluates these)."""
+        row = np.array(np.asarray(state.client_params)[client])
+        return self.federation.flat.unravel(row)
 
     def predict_fn(self, params: dict):
         """batch -> logits of the model with these trainable weights (evaluation's call)."""
@@ -176,7 +181,7 @@ class Experiment:
         if self.federation.config.setting != "local":
             return state.global_params
         client = next((k for k, group in enumerate(self.plan.sites) if site in group), 0)
-        return client_params(state, client)
+        return self.client_params(state, client)
 
     def example_prediction(self, state: FedState, record: Record, site: str
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -197,9 +202,6 @@ class Experiment:
                 + (f"\n{self.federation.layout.describe()}" if self.federation.layout else ""))
 
 
-def client_params(state: FedState, client: int) -> dict:
-    """Client k's own trainable weights (the local baseline evaluates these)."""
-    return jax.tree.map(lambda x: x[client], state.client_params)
 
 
 @functools.lru_cache(maxsize=8)

@@ -263,6 +263,18 @@ def aggregate(global_params, client_params, num_samples: jax.Array,
     {finite bool[K], included bool[K], weights f32[K]}, plus update_norm f32[K] and
     noise_std f32[] under privacy); with no client included nothing changes.
     """
+    mean, metrics = client_mean(global_params, client_params, num_samples, privacy, key)
+    global_params, server_state = server_step(global_params, mean, server.tx(), server_state,
+                                              plain=server.name == "none",
+                                              any_included=metrics["included"].any())
+    return global_params, server_state, metrics
+
+
+def client_mean(global_params, client_params, num_samples: jax.Array,
+                privacy: Privacy = Privacy(), key: jax.Array | None = None):
+    """`aggregate` before the server step: (the included clients' FedAvg mean, or with
+    `privacy` on the DP-FedAvg mean, of any pytree with leaves [K, ...], e.g. the engine's
+    raveled weights [K, N]; aggregate's metrics)."""
     metrics = inclusion(client_params, num_samples)
     if privacy.on:
         if key is None:
@@ -272,10 +284,7 @@ def aggregate(global_params, client_params, num_samples: jax.Array,
         metrics.update(dp)
     else:
         mean = weighted_mean(client_params, metrics["weights"])
-    global_params, server_state = server_step(global_params, mean, server.tx(), server_state,
-                                              plain=server.name == "none",
-                                              any_included=metrics["included"].any())
-    return global_params, server_state, metrics
+    return mean, metrics
 
 
 def inclusion(client_params, num_samples: jax.Array) -> dict[str, jax.Array]:

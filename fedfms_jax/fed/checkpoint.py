@@ -62,7 +62,8 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _real_clients(state: FedState, num_clients: int) -> FedState:
-    """The state without its padding clients (per-client leaves [K_pad] -> [K])."""
+    """The state without its padding clients (per-client leaves [K_pad] -> [K]); the
+    clients' fields as trees (`Federation.client_trees`), as saved."""
     if jax.tree.leaves(state.client_params)[0].shape[0] == num_clients:
         return state
     cut = lambda x: x[:num_clients]
@@ -153,7 +154,7 @@ class FedCheckpointer:
         compares it on resume, see `read_meta`); returns once the arrays are on the host
         unless wait=True."""
         fed = self.federation
-        arrays = _flat(_real_clients(state, fed.num_clients))
+        arrays = _flat(_real_clients(fed.client_trees(state), fed.num_clients))
         meta = {"format": FORMAT, "round": int(state.round), **run_signature(fed),
                 "frozen_sha256": self.frozen_sha256(),
                 "fed_config": fed.config.to_json(), "arrays": _spec(arrays),
@@ -189,7 +190,7 @@ class FedCheckpointer:
         fed = self.federation
         step = self._step(round_index)
         meta = self.read_meta(step)
-        template = _real_clients(like, fed.num_clients)
+        template = _real_clients(fed.client_trees(like, copy=False), fed.num_clients)
         expected = _flat(template)
         suffix = _LEGACY.get(meta.get("format"), "")
         names = _saved_names(expected, meta.get("arrays", {}), suffix)
@@ -206,7 +207,8 @@ class FedCheckpointer:
             state = state.replace(client_params=jax.tree.map(pad, state.client_params),
                                   client_opt_state=jax.tree.map(pad, state.client_opt_state))
         ledger = None if meta.get("ledger") is None else CommLedger.from_json(meta["ledger"])
-        return Restored(state=fed.place(state), data_state=meta.get("data_state", {}),
+        return Restored(state=fed.place(fed.from_client_trees(state)),
+                        data_state=meta.get("data_state", {}),
                         ledger=ledger, round=step)
 
     def close(self) -> None:

@@ -13,8 +13,12 @@ Buffer, not a Param, so no filter can make it trainable.
 from __future__ import annotations
 
 import collections
+import dataclasses
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fedfms_jax.models.adapters import AdapterParam, LoRAParam
@@ -78,6 +82,77 @@ def split(model: nnx.Module, mode: str) -> tuple[nnx.GraphDef, dict, dict]:
             raise ValueError(f"mode {mode!r} trains {kind.__name__}s but the model has none; "
                              f"build it with {setting} (see config_for_mode)")
     return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """The trainable weights as one vector: every leaf of the nested dict, in tree order
+    (jax.tree.leaves), raveled and concatenated.
+
+    The engine keeps each client's weights and optimizer moments in this form (leaves
+    [K, N]), so that what a client does to all its weights (Adam, FedProx's drift, the
+    masked-step select, gathering a client's row, the finite check, the average) is a few
+    operations on one array instead of one per leaf: XLA's programs are that much smaller,
+    and on the CPU every program holds host memory in proportion to its size. The order is
+    the tree order, so a vector cut at `sizes` is the leaves, and a draw of N values is the
+    same draw cut into leaves (aggregate.gaussian_noise). Hashable: it keys compiled code.
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, tree) -> "FlatLayout":
+        """The layout of a tree of arrays (or ShapeDtypeStructs) of one floating dtype."""
+        leaves, treedef = jax.tree.flatten(tree)
+        dtypes = {np.dtype(x.dtype) for x in leaves}
+        if len(dtypes) != 1:
+            raise ValueError(f"the trainable weights must share one dtype to travel as one "
+                             f"vector; got {sorted(map(str, dtypes))}")
+        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves), dtypes.pop())
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s)) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """N, the number of trainable values."""
+        return sum(self.sizes)
+
+    def ravel(self, tree, batch_dims: int = 0):
+        """tree (leaves [*lead, *shape], lead = the first batch_dims axes) -> [*lead, N].
+        numpy in, numpy out (host copies for checkpoints and sites); jax arrays otherwise."""
+        leaves = self.treedef.flatten_up_to(tree)
+        lead = np.shape(leaves[0])[:batch_dims]
+        xp = np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
+        return xp.concatenate([xp.reshape(x, (*lead, -1)) for x in leaves], axis=-1)
+
+    def unravel(self, vector):
+        """[*lead, N] -> the tree, leaves [*lead, *shape] (numpy views of a numpy vector)."""
+        lead = np.shape(vector)[:-1]
+        if np.shape(vector)[-1] != self.size:
+            raise ValueError(f"a trainable vector has {self.size} values, got shape "
+                             f"{np.shape(vector)}")
+        starts = np.cumsum((0, *self.sizes))
+        leaves = [vector[..., a:b].reshape(*lead, *shape)
+                  for a, b, shape in zip(starts[:-1], starts[1:], self.shapes)]
+        return self.treedef.unflatten(leaves)
+
+    def ravel_state(self, state, batch_dims: int = 0):
+        """An optimizer state of the tree (e.g. optax Adam's count, mu, nu) -> the same
+        optimizer's state of the vector: every subtree shaped as the weights raveled."""
+        is_weights = lambda x: jax.tree.structure(x) == self.treedef
+        return jax.tree.map(lambda x: self.ravel(x, batch_dims) if is_weights(x) else x,
+                            state, is_leaf=is_weights)
+
+    def unravel_state(self, state):
+        """`ravel_state`'s inverse: every floating leaf of N trailing values unraveled."""
+        def unravel(x):
+            floating = np.issubdtype(np.dtype(x.dtype), np.floating)
+            return self.unravel(x) if floating and np.shape(x)[-1:] == (self.size,) else x
+        return jax.tree.map(unravel, state)
 
 
 def num_params(state) -> int:

@@ -5,7 +5,10 @@ weights live once, replicated, outside the state and are passed to every jitted 
 unbatched (vmap in_axes None). Everything a run changes is one pytree, `FedState`: the
 global trainable weights, each client's trainable weights and optimizer state stacked on a
 leading client axis of K_pad (K real clients padded to the device layout, see sharding.py),
-the server optimizer's state, the base PRNG key and the round counter.
+the server optimizer's state, the base PRNG key and the round counter. The clients' weights
+and optimizer moments are kept raveled (`partition.FlatLayout`: [K_pad, N]), so the work
+done to every weight of a client is a few operations, not a few per leaf;
+`Federation.client_trees` gives them as trees.
 
 A round is four jitted pure functions of that state, each donating the state it replaces:
 
@@ -58,7 +61,7 @@ from fedfms_jax.fed import aggregate, fit, sharding
 from fedfms_jax.fed.clients import (SETTINGS, Segment, client_steps, segment_plan,
                                     step_mask)
 from fedfms_jax.fed.comm import RoundComm, round_comm
-from fedfms_jax.fed.partition import num_bytes, split
+from fedfms_jax.fed.partition import FlatLayout, num_bytes, split
 from fedfms_jax.losses import segmentation_loss
 from fedfms_jax.models.sam import NORMALISATIONS
 
@@ -167,8 +170,10 @@ class FedState:
     round: i32[] rounds completed. local_step: i32[] local steps taken in the current round.
     key: u32[2] the run's base key (per-round/client/step keys are folded in, never split
     off, so a resumed run draws the same ones). global_params: the trainable weights, a
-    nested dict of arrays (`partition.split`). client_params, client_opt_state: per client,
-    leaves [K_pad, ...]. server_opt_state: the server optimizer's state (empty for plain
+    nested dict of arrays (`partition.split`). client_params: f32[K_pad, N], each client's
+    trainable weights raveled (`Federation.flat`); client_opt_state: the local optimizer's
+    state of those vectors, leaves [K_pad, ...] (Adam: count [K_pad], mu and nu [K_pad, N]).
+    server_opt_state: the server optimizer's state of the global tree (empty for plain
     FedAvg).
     """
 
@@ -211,30 +216,31 @@ def client_key(base_key: jax.Array, round_index: jax.Array, client_id: jax.Array
 
 
 def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                       loss_fn: LossFn, frozen: dict, global_params: dict,
-                       params: dict, opt_state, batches: Mapping[str, jax.Array],
+                       loss_fn: LossFn, flat: FlatLayout, frozen: dict, global_vector: jax.Array,
+                       params: jax.Array, opt_state, batches: Mapping[str, jax.Array],
                        step_mask: jax.Array, key: jax.Array, first_step: jax.Array,
                        prox_mu: jax.Array):
     """One client's local steps (pure; vmapped over clients by `local_steps`).
 
-    params, opt_state: this client's; batches: leaves [S, B, ...]; step_mask: bool[S];
+    params f32[N], opt_state: this client's, raveled as `flat` (global_vector f32[N]: the
+    round's global weights, FedProx's anchor); batches: leaves [S, B, ...]; step_mask: bool[S];
     key: this client's round key; first_step: i32[] index in the round of step 0.
     A masked step computes and discards: weights and optimizer state (Adam's count and
     moments too) come out bit-identical, so clients with fewer steps share the function.
     Returns (params, opt_state, losses f32[S]) with NaN losses on masked steps.
     """
-    global_leaves = jax.tree.leaves(global_params)
-
-    def objective(p, batch, step_key):
-        loss = loss_fn(nnx.merge(graphdef, p, frozen), batch, step_key)
-        drift = sum(jnp.sum(jnp.square(a - b)) for a, b in zip(jax.tree.leaves(p), global_leaves))
-        return loss + 0.5 * prox_mu * drift, loss
+    def data_loss(weights, batch, step_key):
+        return loss_fn(nnx.merge(graphdef, weights, frozen), batch, step_key)
 
     def step(carry, xs):
         p, o = carry
         batch, active, index = xs
-        (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(
-            p, batch, jax.random.fold_in(key, index))
+        # The gradient of the weight tree, raveled once: differentiating through the
+        # vector's slices instead would sum one zero-padded N-vector per leaf.
+        loss, grads = jax.value_and_grad(data_loss)(flat.unravel(p), batch,
+                                                    jax.random.fold_in(key, index))
+        # FedProx: + mu/2 |p - global|^2, whose gradient is mu (p - global).
+        grads = flat.ravel(grads) + prox_mu * (p - global_vector)
         updates, new_o = tx.update(grads, o, p)
         new_p = optax.apply_updates(p, updates)
         keep = lambda new, old: jnp.where(active, new, old)
@@ -249,7 +255,8 @@ def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 @functools.lru_cache(maxsize=32)
 def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossFn | None,
-                    mesh: jax.sharding.Mesh, num_padded: int, chunk: int) -> Callable:
+                    flat: FlatLayout, mesh: jax.sharding.Mesh, num_padded: int,
+                    chunk: int) -> Callable:
     """jit(local_steps) for one model, optimizer and layout (cached on exactly what it is
     built from: every Federation with the same pieces, e.g. one resumed from a checkpoint,
     reuses the compiled code).
@@ -263,7 +270,7 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
     """
     tx = local.optimizer()
     train = jax.vmap(functools.partial(client_local_steps, graphdef, tx,
-                                       loss_fn or local.loss_fn()),
+                                       loss_fn or local.loss_fn(), flat),
                      in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
 
     def local_steps(frozen, state: FedState, batches, step_mask, client_ids, rows, first_step,
@@ -274,13 +281,14 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
             take = lambda x: sharding.constrain_clients(x.at[rows].get(mode="clip"), mesh)
             params, opt_state = jax.tree.map(take, (params, opt_state))
         per_client = (params, opt_state, batches, step_mask, keys)
+        global_vector = flat.ravel(state.global_params)
         if step_mask.shape[0] <= chunk:
-            params, opt_state, losses = train(frozen, state.global_params, *per_client,
-                                              first_step, prox_mu)
+            params, opt_state, losses = train(frozen, global_vector, *per_client, first_step,
+                                              prox_mu)
         else:
             # C clients at a time: a scan over chunks bounds the live activations to C clients.
             def one_chunk(_, xs):
-                return None, train(frozen, state.global_params, *xs, first_step, prox_mu)
+                return None, train(frozen, global_vector, *xs, first_step, prox_mu)
             _, out = jax.lax.scan(one_chunk, None, sharding.to_chunks(per_client, chunk, mesh))
             params, opt_state, losses = sharding.from_chunks(out)
         if rows is not None:
@@ -298,7 +306,7 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
 @functools.lru_cache(maxsize=32)
 def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptimizer,
                     privacy: aggregate.Privacy, setting: str, reset_optimizer: bool,
-                    mesh: jax.sharding.Mesh, num_padded: int
+                    flat: FlatLayout, mesh: jax.sharding.Mesh, num_padded: int
                     ) -> tuple[Callable, Callable, Callable]:
     """(jit(begin_round), jit(finish_local), jit(end_round)) for one setting and server,
     cached on exactly what they are built from; all donate the state.
@@ -320,7 +328,7 @@ def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptim
         return sharding.constrain_clients(stacked, mesh)
 
     def begin_round(state: FedState) -> FedState:
-        params = state.client_params if local else stack(state.global_params)
+        params = state.client_params if local else stack(flat.ravel(state.global_params))
         opt_state = state.client_opt_state
         if reset_optimizer:
             opt_state = sharding.constrain_clients(jax.vmap(tx.init)(params), mesh)
@@ -329,7 +337,7 @@ def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptim
 
     def finish_local(state: FedState):
         finite = aggregate.client_finite(state.client_params)
-        fresh = stack(tx.init(state.global_params))
+        fresh = stack(tx.init(flat.ravel(state.global_params)))
         opt_state = jax.tree.map(
             lambda o, f: jnp.where(finite.reshape(-1, *([1] * (o.ndim - 1))), o, f),
             state.client_opt_state, fresh)
@@ -340,10 +348,14 @@ def _round_edges_fn(local_training: LocalTraining, server: aggregate.ServerOptim
             metrics = aggregate.inclusion(state.client_params, num_samples)
             global_params, server_state = state.global_params, state.server_opt_state
         else:
+            # The clients' mean over the vectors, the server step on the tree.
             key = aggregate.noise_key(state.key, state.round) if privacy.on else None
-            global_params, server_state, metrics = aggregate.aggregate(
-                state.global_params, state.client_params, num_samples, server,
-                state.server_opt_state, privacy, key)
+            mean, metrics = aggregate.client_mean(flat.ravel(state.global_params),
+                                                  state.client_params, num_samples, privacy,
+                                                  key)
+            global_params, server_state = aggregate.server_step(
+                state.global_params, flat.unravel(mean), server.tx(), state.server_opt_state,
+                plain=server.name == "none", any_included=metrics["included"].any())
         state = state.replace(round=state.round + 1, global_params=global_params,
                               server_opt_state=server_state)
         return state, metrics
@@ -401,6 +413,7 @@ class Federation:
                                                       config.clients_per_step)
         self.group_widths = sharding.group_widths(self.chunk, self.mesh.size)
         self.graphdef, trainable, frozen = split(model, config.mode)
+        self.flat = FlatLayout.of(trainable)  # how a client's weights are one vector
         # A host copy: the round functions donate the state's buffers, and device_put of
         # the model's own arrays would hand those very buffers (the model's) to the state.
         self.initial_params = jax.tree.map(np.array, trainable)
@@ -408,11 +421,11 @@ class Federation:
         self.frozen = sharding.place_replicated(frozen, self.mesh)
         self.model_config = getattr(model, "config", None)
         self.trainable_bytes = num_bytes(trainable)
-        self._local_steps = _local_steps_fn(self.graphdef, config.local, loss_fn, self.mesh,
-                                            self.num_padded, self.chunk)
+        self._local_steps = _local_steps_fn(self.graphdef, config.local, loss_fn, self.flat,
+                                            self.mesh, self.num_padded, self.chunk)
         self._begin_round, self._finish_local, self._end_round = _round_edges_fn(
             config.local, config.server, config.privacy, config.setting,
-            config.reset_optimizer, self.mesh, self.num_padded)
+            config.reset_optimizer, self.flat, self.mesh, self.num_padded)
 
     @classmethod
     def fitted(cls, model: nnx.Module, config: FedConfig, num_clients: int, *,
@@ -451,6 +464,7 @@ class Federation:
         for local_steps in candidates:
             if local_steps is not federation._local_steps:
                 local_steps.clear_cache()  # a program never to run (~120-190 MB, small)
+        federation.compile_round_edges()  # so that their compiles' leftovers go too
         fit.release_free_heap()  # what the candidates' compiles left on the heap
         return federation
 
@@ -460,20 +474,22 @@ class Federation:
              client_opt_state=None) -> FedState:
         """The state before round `round_index` + 1: every client and the global model at
         `params` (default: the model's trainable weights), the key from config.seed, fresh
-        optimizer states or `client_opt_state` (leaves [K, ...], e.g. a Flower site's own,
-        carried between rounds)."""
+        optimizer states or `client_opt_state` (the optimizer's state of the weight tree,
+        leaves [K, ...], as `client_trees` gives it: e.g. a Flower site's own, carried
+        between rounds)."""
         params = self.initial_params if params is None else jax.tree.map(np.array, params)
+        vector = self.flat.ravel(jax.tree.map(np.asarray, params))
         stack = lambda tree: jax.tree.map(
             lambda x: np.broadcast_to(np.asarray(x), (self.num_padded, *np.shape(x))), tree)
         if client_opt_state is None:
-            opt_state = stack(aggregate.optimizer_state(self.config.local_optimizer(), params))
+            opt_state = stack(aggregate.optimizer_state(self.config.local_optimizer(), vector))
         else:
-            opt_state = sharding.pad_clients(jax.tree.map(np.asarray, client_opt_state),
-                                             self.num_padded)
+            opt_state = sharding.pad_clients(self.flat.ravel_state(
+                jax.tree.map(np.asarray, client_opt_state), batch_dims=1), self.num_padded)
         key = jax.random.key_data(jax.random.key(self.config.seed))
         return self.place(FedState(
             round=np.asarray(round_index, np.int32), local_step=np.zeros((), np.int32),
-            key=np.asarray(key), global_params=params, client_params=stack(params),
+            key=np.asarray(key), global_params=params, client_params=stack(vector),
             client_opt_state=opt_state,
             server_opt_state=aggregate.optimizer_state(self.config.server.tx(), params)))
 
@@ -486,6 +502,26 @@ class Federation:
         return FedState(**sharding.place_clients(clients, self.mesh),
                         **sharding.place_replicated(shared, self.mesh))
 
+    def client_trees(self, state: FedState, copy: bool = True) -> FedState:
+        """The state with its clients' weights and optimizer state as trees shaped as the
+        global weights (leaves [K_pad, ...]), on the host: what checkpoints, Flower sites and
+        tests read. Views of one host copy per field; copy=False: of the state's own buffers
+        where the backend allows, valid only until the engine donates them (next call)."""
+        host = lambda x: np.array(x, copy=True) if copy else np.asarray(x)
+        params = host(state.client_params)
+        opt_state = jax.tree.map(host, state.client_opt_state)
+        return state.replace(client_params=self.flat.unravel(params),
+                             client_opt_state=self.flat.unravel_state(opt_state))
+
+    def from_client_trees(self, state: FedState) -> FedState:
+        """`client_trees`' inverse: the clients' fields raveled again (host arrays, not
+        placed)."""
+        as_host = lambda tree: jax.tree.map(np.asarray, tree)
+        return state.replace(
+            client_params=self.flat.ravel(as_host(state.client_params), batch_dims=1),
+            client_opt_state=self.flat.ravel_state(as_host(state.client_opt_state),
+                                                   batch_dims=1))
+
     def abstract_state(self) -> FedState:
         """The shapes, dtypes and shardings of `init()`'s state, with nothing allocated."""
         clients = sharding.client_sharding(self.mesh)
@@ -493,16 +529,27 @@ class Federation:
         spec = lambda x, where, lead=(): jax.ShapeDtypeStruct(
             (*lead, *np.shape(x)), x.dtype, sharding=where)
         params = self.initial_params
-        opt_state = jax.eval_shape(self.config.local_optimizer().init, params)
+        vector = jax.ShapeDtypeStruct((self.flat.size,), self.flat.dtype)
+        opt_state = jax.eval_shape(self.config.local_optimizer().init, vector)
         server = jax.eval_shape(self.config.server.tx().init, params)
         key = jax.random.key_data(jax.random.key(self.config.seed))
         return FedState(
             round=spec(np.int32(0), shared), local_step=spec(np.int32(0), shared),
             key=spec(key, shared), global_params=jax.tree.map(lambda x: spec(x, shared), params),
-            client_params=jax.tree.map(lambda x: spec(x, clients, (self.num_padded,)), params),
+            client_params=spec(vector, clients, (self.num_padded,)),
             client_opt_state=jax.tree.map(lambda x: spec(x, clients, (self.num_padded,)),
                                           opt_state),
             server_opt_state=jax.tree.map(lambda x: spec(x, shared), server))
+
+    def compile_round_edges(self) -> None:
+        """Compile begin_round, finish_local and end_round for this federation's state
+        (nothing runs; JAX's caches keep them for the first round)."""
+        state = self.abstract_state()
+        weights = jax.ShapeDtypeStruct((self.num_padded,), np.float32,
+                                       sharding=sharding.replicated(self.mesh))
+        for edge, args in ((self._begin_round, ()), (self._finish_local, ()),
+                           (self._end_round, (weights,))):
+            edge.lower(state, *args).compile()
 
     def compiled_memory(self, example_batch: Mapping[str, np.ndarray], steps: Sequence[int],
                         segment: int) -> fit.MemoryNeed:

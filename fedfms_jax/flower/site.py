@@ -147,11 +147,11 @@ class LocalSite:
             global_params, round_index=round_index, client_opt_state=state.opt_state))
         fed_state, losses, finite = federation.local_round(
             fed_state, steps, state.streams.next_batches, self.config.train.steps_per_segment)
-        state.opt_state = jax.tree.map(lambda x: np.asarray(x[:1]), fed_state.client_opt_state)
+        trees = federation.client_trees(fed_state)
+        state.opt_state = jax.tree.map(lambda x: x[:1], trees.client_opt_state)
         state.rounds += 1
         _, mean_loss = loss_summary(losses, 1)
-        return TrainResult(params=jax.tree.map(lambda x: np.asarray(x[0]),
-                                               fed_state.client_params),
+        return TrainResult(params=jax.tree.map(lambda x: x[0], trees.client_params),
                            num_examples=self.site.num_train, steps=int(steps[0]),
                            mean_loss=float(mean_loss[0]),
                            finite=bool(finite[0]), seconds=time.perf_counter() - began)

@@ -108,6 +108,17 @@ def snapshot(tree):
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
 
+def host_state(fed: Federation, state):
+    """A host copy of an engine state, its clients' fields as trees shaped as the global
+    weights (`Federation.client_trees`): the form the tests compare."""
+    return snapshot(fed.client_trees(state))
+
+
+def engine_state(fed: Federation, state):
+    """`host_state`'s inverse, placed: a state to run the engine from."""
+    return fed.place(fed.from_client_trees(state))
+
+
 def flat(tree) -> dict[str, np.ndarray]:
     """{path: host array} of any pytree; an nnx.State's paths as its nested dict's."""
     if isinstance(tree, nnx.State):
@@ -209,12 +220,13 @@ def main(out_path: str) -> None:
     """The standard federation on every visible device, 4 clients per step."""
     fed = Federation(tiny_model(), config(clients_per_step=4), NUM_CLIENTS)
     state, results = run_federation(fed, rounds=2)
-    leaf = jax.tree.leaves(state.client_params)[0]
+    leaf = state.client_params
     frozen_leaf = jax.tree.leaves(fed.frozen)[0]
     info = {"devices": len(jax.devices()), "num_padded": fed.num_padded, "chunk": fed.chunk,
             "client_spec": str(leaf.sharding.spec), "client_devices": len(leaf.sharding.device_set),
             "frozen_replicated": bool(frozen_leaf.sharding.is_fully_replicated),
             "weights": results[-1].weights.tolist()}
+    state = fed.client_trees(state)
     arrays = {f"global.{k}": v for k, v in flat(state.global_params).items()}
     arrays |= {f"clients.{k}": v[:NUM_CLIENTS] for k, v in flat(state.client_params).items()}
     np.savez(out_path, info=json.dumps(info), **arrays)

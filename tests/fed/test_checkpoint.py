@@ -67,12 +67,15 @@ def test_a_format_1_checkpoint_resumes(model, tmp_path, monkeypatch):
         return state
 
     moments = lambda o: o._replace(mu=as_state(o.mu), nu=as_state(o.nu))
-    old = state.replace(global_params=as_state(state.global_params),
-                        client_params=as_state(state.client_params),
-                        client_opt_state=(moments(state.client_opt_state[0]),
-                                          *state.client_opt_state[1:]))
+    trees = fed.client_trees(state)
+    old = trees.replace(global_params=as_state(trees.global_params),
+                        client_params=as_state(trees.client_params),
+                        client_opt_state=(moments(trees.client_opt_state[0]),
+                                          *trees.client_opt_state[1:]))
     saver = FedCheckpointer(tmp_path, fed)
     monkeypatch.setattr(checkpoint, "FORMAT", "fedfms_jax.fed/1")
+    # Format 1 was written from a state whose clients' fields were trees, as `old`'s are.
+    monkeypatch.setattr(fed, "client_trees", lambda s, copy=True: s)
     monkeypatch.setattr(saver, "frozen_sha256",
                         lambda suffix="": checkpoint.frozen_fingerprint(frozen_like))
     saver.save(old, wait=True)

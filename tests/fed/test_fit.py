@@ -12,7 +12,7 @@ import pytest
 
 from fedfms_jax.fed import fit
 from fedfms_jax.fed.partition import num_bytes
-from tests.fed.helpers import BATCH, NUM_CLIENTS, config, round_batches, tiny_model
+from tests.fed.helpers import BATCH, NUM_CLIENTS, NUM_SAMPLES, config, round_batches, tiny_model
 
 GB = 10**9
 
@@ -101,7 +101,7 @@ def test_on_the_cpu_less_recomputation_first_within_half_the_free_ram():
 
 def test_on_the_cpu_clients_are_batched_only_while_a_step_is_small():
     """call_flops caps the width at the narrowest whose step has that much work, read from
-    the full-width lowering before anything is compiled; wider layouts are never compiled,
+    the narrowest width's lowering before anything is compiled; wider layouts are never compiled,
     and memory is chosen below the cap as before."""
     small = {"off": 0.1, "blocks": 0.05, "full": 0.04}
     # 6 clients of 0.7 GFLOP a step, 2 GFLOP wanted per call: 3 at once (2.1), not 2 (1.4).
@@ -110,7 +110,7 @@ def test_on_the_cpu_clients_are_batched_only_while_a_step_is_small():
     layout = fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
                                call_flops=2e9, step_flops=step_flops)
     assert (layout.remat, layout.clients_per_step) == ("off", 3)
-    assert (read, calls) == ([6], [("off", 3)])
+    assert (read, calls) == ([1], [("off", 3)])
     # A step that alone has the work: one client at a time, the only compile.
     measure, calls = fake_measure(small)
     assert fit.choose_layout(measure, 6, 1, available=80 * GB, prefer="recompute",
@@ -174,8 +174,9 @@ def test_available_memory_is_the_hosts_free_memory():
 
 
 def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
-    """The estimate compiles exactly the round's local steps: the first round then compiles
-    nothing more, and the donated client state is written in place (no second copy)."""
+    """The estimate compiles exactly the round's local steps, and compile_round_edges (as
+    Federation.fitted calls it) the rest of a round: the first round then compiles nothing
+    more, and the donated client state is written in place (no second copy)."""
     from fedfms_jax.fed.round import Federation
 
     fed = Federation(tiny_model(), config(local_steps=2, local_epochs=None), NUM_CLIENTS)
@@ -183,10 +184,12 @@ def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
     example = {k: v[0, 0] for k, v in batches.items()}
     steps = [2] * NUM_CLIENTS
     need = fed.compiled_memory(example, steps, segment=2)
-    state, _ = fed.finish_local(fed.begin_round(fed.init()))  # compiles the round's edges
-    jax.block_until_ready(state)
+    fed.compile_round_edges()
+    state = fed.init()
     with recorded_compiles() as compiles:
+        state = fed.begin_round(state)
         state, losses, _ = fed.local_round(state, steps, lambda todo: batches, segment=2)
+        state, _ = fed.end_round(state, NUM_SAMPLES)
         jax.block_until_ready(state)
     assert compiles == []
     assert np.isfinite(losses).all()

@@ -12,8 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from fedfms_jax.fed.partition import (DEFAULT_LORA_RANK, MODES, breakdown, config_for_mode,
-                                      num_bytes, num_params, split, trainable_filter)
+from fedfms_jax.fed.partition import (DEFAULT_LORA_RANK, MODES, FlatLayout, breakdown,
+                                      config_for_mode, num_bytes, num_params, split,
+                                      trainable_filter)
 from fedfms_jax.inspect import abstract_sam
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models.adapters import AdapterParam
@@ -185,3 +186,38 @@ def test_training_step_moves_exactly_the_trainable_leaves(step_model, mode):
     grads = flat(grads)
     unused = {p for p in paths(trainable) if p.startswith(UNUSED_BY_LOSS)}
     assert unused and not any(np.any(grads[p]) for p in unused) and not unused & changed
+
+
+# ------------------------------------------------------------------ the raveled weights
+
+def test_flat_layout_ravels_in_tree_order_and_round_trips():
+    """A client's weights as one vector: the leaves in jax.tree order (so a draw of N values
+    cut into leaves is the same draw, aggregate.gaussian_noise), batched or not, numpy kept
+    numpy; an optimizer's state of the tree and of the vector convert both ways."""
+    tree = {"b": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "a": np.array([10.0, 11.0], np.float32)}
+    layout = FlatLayout.of(tree)
+    assert layout.size == 8
+    vector = layout.ravel(tree)
+    assert isinstance(vector, np.ndarray)
+    np.testing.assert_array_equal(
+        vector, np.concatenate([x.ravel() for x in jax.tree.leaves(tree)]))
+    np.testing.assert_array_equal(vector[:2], [10.0, 11.0])  # "a" before "b"
+    jax.tree.map(np.testing.assert_array_equal, layout.unravel(vector), tree)
+    stacked = jax.tree.map(lambda x: np.stack([x, -x]), tree)
+    rows = layout.ravel(stacked, batch_dims=1)
+    np.testing.assert_array_equal(rows, np.stack([vector, -vector]))
+    jax.tree.map(np.testing.assert_array_equal, layout.unravel(rows), stacked)
+    jitted = jax.jit(layout.unravel)(jnp.asarray(vector))
+    jax.tree.map(np.testing.assert_array_equal, jitted, tree)
+
+    tx = optax.adam(1e-3)
+    state_of_tree = jax.tree.map(np.asarray, tx.init(tree))
+    state_of_vector = layout.ravel_state(state_of_tree)
+    assert jax.tree.structure(state_of_vector) == jax.tree.structure(tx.init(vector))
+    back = layout.unravel_state(state_of_vector)
+    assert jax.tree.structure(back) == jax.tree.structure(state_of_tree)
+    with pytest.raises(ValueError, match="8 values, got shape"):
+        layout.unravel(np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="one dtype"):
+        FlatLayout.of({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float16)})

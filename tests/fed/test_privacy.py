@@ -16,7 +16,8 @@ from fedfms_jax.fed.accounting import Accountant, accountant_for
 from fedfms_jax.fed.round import FedConfig, Federation
 from flax import nnx
 
-from tests.fed.helpers import assert_trees_equal, config, flat, snapshot
+from tests.fed.helpers import (assert_trees_equal, config, engine_state, flat, host_state,
+                               snapshot)
 from tests.numerics import EPS32
 
 CLIP = 0.5
@@ -112,13 +113,13 @@ def _moved_state(fed: Federation, seed: int, round_index: int = 0):
              for p, v in zip(paths, jax.tree.leaves(state.global_params))]
     client_params = jax.tree.unflatten(jax.tree.structure(state.global_params),
                                        [x.astype(np.float32) for x in moved])
-    return fed.place(state.replace(client_params=client_params))
+    return engine_state(fed, fed.client_trees(state).replace(client_params=client_params))
 
 
 def test_a_private_round_is_the_clipped_fedavg_plus_the_rounds_noise(model):
     fed = Federation(model, config(clip_norm=CLIP, noise_multiplier=0.8), 4)
     state = _moved_state(fed, seed=1, round_index=3)
-    start = snapshot(state)
+    start = host_state(fed, state)
     n = np.array([10.0, 20.0, 30.0, 40.0], np.float32)
     state, result = fed.end_round(state, n)
     w = n / n.sum()
@@ -154,7 +155,7 @@ def test_privacy_off_is_plain_fedavg_bit_for_bit(model):
     off = Federation(model, config(clip_norm=0.0, noise_multiplier=0.0), 4)
     assert off._end_round is plain._end_round and not off.config.privacy.on
     state = _moved_state(off, seed=2)
-    start = snapshot(state)
+    start = host_state(off, state)
     n = np.array([3.0, 1.0, 0.0, 5.0], np.float32)
     state, result = off.end_round(state, n)
     assert result.update_norm is None and result.noise_std == 0.0

@@ -28,8 +28,9 @@ from fedfms_jax.fed.round import Federation
 from tests.fed import helpers
 from tests.fed.helpers import (NUM_CLIENTS, NUM_SAMPLES, PRODUCTION_EPS, ROUNDS, RTOL_NOISE_FED_BACK,
                                RTOL_ORDER, STEPS, adam_noise_bound, assert_training_matches,
-                               assert_trees_close, assert_trees_equal, client_slice, config, flat,
-                               reference_train, round_batches, round_mask, snapshot, tiny_model)
+                               assert_trees_close, assert_trees_equal, client_slice, config,
+                               engine_state, flat, host_state, reference_train, round_batches,
+                               round_mask, snapshot, tiny_model)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,12 +41,12 @@ def run():
     model = tiny_model()
     fed = Federation(model, config(), NUM_CLIENTS)
     state = fed.init()
-    initial = snapshot(state)
+    initial = host_state(fed, state)
     frozen_before = snapshot(fed.frozen)
     states, results = [], []
     for r in range(ROUNDS):
         state, result = fed.run_round(state, round_batches(r), round_mask(), NUM_SAMPLES)
-        states.append(snapshot(state))
+        states.append(host_state(fed, state))
         results.append(result)
     return types.SimpleNamespace(model=model, fed=fed, initial=initial, states=states,
                                  results=results, frozen_before=frozen_before)
@@ -88,13 +89,14 @@ def test_masked_steps_change_nothing(run):
     counts = np.asarray(run.states[-1].client_opt_state[0].count)
     np.testing.assert_array_equal(counts, np.array(STEPS) * ROUNDS)
     fed = run.fed
-    state = fed.begin_round(fed.place(run.states[-1]))
-    before = snapshot(state)
+    state = fed.begin_round(engine_state(fed, run.states[-1]))
+    before = host_state(fed, state)
     state, losses = fed.local_steps(state, round_batches(9),
                                     np.zeros((NUM_CLIENTS, helpers.ROUND_STEPS), bool))
     assert np.isnan(losses).all()
-    assert_trees_equal(snapshot(state.client_params), before.client_params)
-    assert_trees_equal(snapshot(state.client_opt_state), before.client_opt_state)
+    after = host_state(fed, state)
+    assert_trees_equal(after.client_params, before.client_params)
+    assert_trees_equal(after.client_opt_state, before.client_opt_state)
 
 
 def test_planned_round_trains_as_every_client_masked_to_the_longest(run):
@@ -112,7 +114,7 @@ def test_planned_round_trains_as_every_client_masked_to_the_longest(run):
     state, losses = fed.local_steps(state, round_batches(0), round_mask())
     state, _ = fed.finish_local(state)
     state, result = fed.end_round(state, NUM_SAMPLES, losses=losses)
-    state = snapshot(state)
+    state = host_state(fed, state)
     np.testing.assert_array_equal(result.steps, run.results[0].steps)
     np.testing.assert_allclose(result.mean_loss, run.results[0].mean_loss, rtol=1e-5)
     for k in range(NUM_CLIENTS):
@@ -141,7 +143,7 @@ def test_frozen_weights_never_change(run):
     # The global model differs from the initial one only in the trainable subtree.
     trainable = set(flat(run.initial.global_params))
     start, end = flat(nnx.state(run.model)), flat(nnx.state(run.fed.global_model(
-        run.fed.place(run.states[-1]))))
+        engine_state(run.fed, run.states[-1]))))
     assert start.keys() == end.keys()
     changed = {k for k in start if not np.array_equal(start[k], end[k])}
     assert changed and changed <= trainable
@@ -170,9 +172,11 @@ def test_fedprox(run):
     plain = run.states[1]
     for mu in (0.0, 20.0):
         fed = Federation(run.model, config(prox_mu=mu), NUM_CLIENTS)
-        state, _ = fed.run_round(fed.place(start), round_batches(1), round_mask(), NUM_SAMPLES)
+        state, _ = fed.run_round(engine_state(fed, start), round_batches(1), round_mask(),
+                                 NUM_SAMPLES)
+        state = host_state(fed, state)
         if mu == 0.0:
-            assert_trees_equal(snapshot(state), plain)
+            assert_trees_equal(state, plain)
             continue
         reference = _reference_round(run.fed, start, 1, mu=mu, clients=[0, 4])
         for k, (params, _) in reference.items():
@@ -185,7 +189,7 @@ def test_fedprox(run):
         def drift(s):
             return sum(float(np.sum((np.asarray(c)[0] - g) ** 2)) for c, g in
                        zip(jax.tree.leaves(s.client_params), jax.tree.leaves(start.global_params)))
-        assert drift(snapshot(state)) < 0.9 * drift(plain)
+        assert drift(state) < 0.9 * drift(plain)
 
 
 @pytest.mark.slow  # a third compile of the training step (~1.5 min); resume at 1e-8 is default
@@ -197,8 +201,9 @@ def test_equivalences_hold_at_the_production_adam_eps(run):
     must still follow the reference to RTOL_NOISE_FED_BACK of its movement."""
     start, mu = run.states[0], 20.0  # FedProx: plain FedAvg is the mu=0 case of the same code
     fed = Federation(run.model, config(eps=PRODUCTION_EPS, prox_mu=mu), NUM_CLIENTS)
-    state, _ = fed.run_round(fed.place(start), round_batches(1), round_mask(), NUM_SAMPLES)
-    state = snapshot(state)
+    state, _ = fed.run_round(engine_state(fed, start), round_batches(1), round_mask(),
+                             NUM_SAMPLES)
+    state = host_state(fed, state)
     reference = _reference_round(run.fed, start, 1, mu=mu, eps=PRODUCTION_EPS, clients=[0, 4])
     for k, (params, _) in reference.items():
         assert_training_matches(client_slice(state.client_params, k), params,
@@ -214,13 +219,13 @@ def test_non_finite_client_is_left_out_with_a_warning(run, caplog):
     with caplog.at_level(logging.WARNING, logger="fedfms_jax.fed.round"):
         state, result = fed.run_round(fed.init(), data, round_mask(), NUM_SAMPLES)
     assert "client1 sent a non-finite update" in caplog.text
+    state = host_state(fed, state)
     np.testing.assert_array_equal(result.included, [True, False, True, True, True])
     kept = [k for k in range(NUM_CLIENTS) if k != 1]
     weights = np.array([NUM_SAMPLES[k] for k in kept], np.float64)
     weights /= weights.sum()
     np.testing.assert_allclose(result.weights[kept], weights, rtol=1e-6)
     assert result.weights[1] == 0
-    state = snapshot(state)
     clients = [client_slice(state.client_params, k) for k in kept]
     assert_trees_close(state.global_params, _weighted_mean(clients, weights))
     # The others trained exactly as in the clean run; the bad client's Adam state restarts.
@@ -240,7 +245,7 @@ def test_client_sampling_trains_only_the_drawn_clients(run):
     np.testing.assert_array_equal(result.comm.up > 0, drawn)
     n = np.where(drawn, NUM_SAMPLES, 0).astype(np.float64)
     np.testing.assert_allclose(result.weights, n / n.sum(), rtol=1e-6)
-    state = snapshot(state)
+    state = host_state(fed, state)
     for k in np.flatnonzero(drawn):
         # A drawn client trains as in the full round, but vmapped with only the drawn ones:
         # XLA's CPU matmuls block their sums by the operands' sizes, so the width changes
@@ -256,7 +261,7 @@ def test_client_sampling_trains_only_the_drawn_clients(run):
 def test_local_only_baseline_keeps_each_clients_weights(run):
     fed = Federation(run.model, config(setting="local"), NUM_CLIENTS)
     state, results = helpers.run_federation(fed, rounds=2)
-    state = snapshot(state)
+    state = host_state(fed, state)
     assert_trees_equal(state.global_params, run.initial.global_params)
     assert all(r.comm.total == 0 for r in results)
     for k in (0, 3):  # client k trained alone for two rounds, never averaged
@@ -308,7 +313,7 @@ def test_resume_after_a_round_is_bit_identical(run, tmp_path):
     assert restored.ledger == ledger
     state, _ = helpers.run_federation(fed, rounds=ROUNDS - 1, state=restored.state,
                                       first_round=1)
-    assert_trees_equal(snapshot(state), run.states[-1])
+    assert_trees_equal(host_state(fed, state), run.states[-1])
 
 
 def test_four_devices_equal_one_device(run, tmp_path):
