@@ -108,11 +108,16 @@ def segment_plan(steps: Sequence[int], max_length: int, widths: Sequence[int]
     steps > t, all at step t: the round is cut where a client finishes, each stretch into
     calls of max_length steps and one of the rest, and its clients into groups of the
     allowed widths. Only a group narrower than the smallest width (several devices) is
-    padded. A round compiles one program per distinct (width, length); the plan, and so
-    the set, is the same every round unless clients are sampled.
+    padded. One client at a time (widths (1,)) needs no cuts where another finishes: each
+    client takes its steps in calls of max_length and one of the rest, client by client
+    (fewer calls; on the CPU each costs ~30 ms beyond its steps, small variant). The calls'
+    lengths vary; the compiled steps take the step count as an argument (`call_length`).
     """
     steps = np.asarray(steps, np.int64)
     max_length = max(1, int(max_length))
+    if tuple(widths) == (1,):
+        return [Segment(t, min(max_length, int(n) - t), (int(k),), 1)
+                for k, n in enumerate(steps) for t in range(0, int(n), max_length)]
     ends = sorted(set(int(s) for s in steps if s > 0))
     plan, t = [], 0
     for end in ends:
@@ -125,6 +130,13 @@ def segment_plan(steps: Sequence[int], max_length: int, widths: Sequence[int]
                 start += width
             t += length
     return plan
+
+
+def call_length(steps: Sequence[int], max_length: int) -> int:
+    """The steps one call of the compiled local steps holds batches for: min(max_length,
+    max(steps)), at least 1. Every call of a round has this shape, whatever steps it takes
+    (fewer are padded, not computed), so a round compiles one program per vmap width."""
+    return max(1, min(int(max_length), int(np.max(steps, initial=0))))
 
 
 def masked_work(plan: Sequence[Segment], steps: Sequence[int]) -> float:

@@ -34,11 +34,14 @@ clients) and a Flower site (a Federation of its one client, `client_ids=(k,)`, s
 client k's keys). Clients of unequal sizes cost the sum of their steps, not K x the longest:
 `Federation.plan` (clients.segment_plan) cuts the round where a client finishes and trains
 only the clients still going, grouped into a few vmap widths (sharding.group_widths), so no
-step is masked (`clients.masked_work` measures a plan). The next stretch's batches are drawn
-and placed in a background thread while the current one trains. The per-step keys depend
-on the client's id, the round and the step's index in the round, not on the plan or on which
-other clients train alongside; the vmap width can change float32 rounding (XLA's CPU
-matmuls block their sums by the operands' sizes), never the steps.
+step is masked (`clients.masked_work` measures a plan); one client at a time, each client's
+steps are one call. The step count is an argument of the compiled steps (a loop of that many
+iterations over batches of `clients.call_length` steps), so a round compiles one program per
+vmap width. The next call's batches are drawn and placed in a background thread while the
+current one trains. The per-step keys depend on the client's id, the round and the step's
+index in the round, not on the plan or on which other clients train alongside; the vmap
+width can change float32 rounding (XLA's CPU matmuls block their sums by the operands'
+sizes), never the steps.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ import optax
 from flax import nnx
 
 from fedfms_jax.fed import aggregate, fit, sharding
-from fedfms_jax.fed.clients import (SETTINGS, Segment, client_steps, segment_plan,
-                                    step_mask)
+from fedfms_jax.fed.clients import (SETTINGS, Segment, call_length, client_steps,
+                                    segment_plan, step_mask)
 from fedfms_jax.fed.comm import RoundComm, round_comm
 from fedfms_jax.fed.partition import FlatLayout, num_bytes, split
 from fedfms_jax.losses import segmentation_loss
@@ -219,22 +222,25 @@ def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        loss_fn: LossFn, flat: FlatLayout, frozen: dict, global_vector: jax.Array,
                        params: jax.Array, opt_state, batches: Mapping[str, jax.Array],
                        step_mask: jax.Array, key: jax.Array, first_step: jax.Array,
-                       prox_mu: jax.Array):
+                       num_steps: jax.Array, prox_mu: jax.Array):
     """One client's local steps (pure; vmapped over clients by `local_steps`).
 
     params f32[N], opt_state: this client's, raveled as `flat` (global_vector f32[N]: the
     round's global weights, FedProx's anchor); batches: leaves [S, B, ...]; step_mask: bool[S];
-    key: this client's round key; first_step: i32[] index in the round of step 0.
-    A masked step computes and discards: weights and optimizer state (Adam's count and
-    moments too) come out bit-identical, so clients with fewer steps share the function.
-    Returns (params, opt_state, losses f32[S]) with NaN losses on masked steps.
+    key: this client's round key; first_step: i32[] index in the round of step 0;
+    num_steps: i32[] the steps taken, the first num_steps <= S of the batches (a loop of
+    that many iterations: the rest are padding, never computed, so calls of any length
+    share one program). A masked step computes and discards: weights and optimizer state
+    (Adam's count and moments too) come out bit-identical. Returns (params, opt_state,
+    losses f32[S]) with NaN losses on masked steps and past num_steps.
     """
     def data_loss(weights, batch, step_key):
         return loss_fn(nnx.merge(graphdef, weights, frozen), batch, step_key)
 
-    def step(carry, xs):
-        p, o = carry
-        batch, active, index = xs
+    def step(i, carry):
+        p, o, losses = carry
+        batch = jax.tree.map(lambda x: x[i], batches)
+        active, index = step_mask[i], first_step + i
         # The gradient of the weight tree, raveled once: differentiating through the
         # vector's slices instead would sum one zero-padded N-vector per leaf.
         loss, grads = jax.value_and_grad(data_loss)(flat.unravel(p), batch,
@@ -244,13 +250,11 @@ def client_local_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         updates, new_o = tx.update(grads, o, p)
         new_p = optax.apply_updates(p, updates)
         keep = lambda new, old: jnp.where(active, new, old)
-        return ((jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_o, o)),
-                jnp.where(active, loss, jnp.nan))
+        losses = losses.at[i].set(jnp.where(active, loss, jnp.nan).astype(losses.dtype))
+        return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_o, o), losses
 
-    steps = first_step + jnp.arange(step_mask.shape[0], dtype=jnp.int32)
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state),
-                                               (batches, step_mask, steps))
-    return params, opt_state, losses
+    losses = jnp.full(step_mask.shape, jnp.nan, jnp.float32)
+    return jax.lax.fori_loop(0, num_steps, step, (params, opt_state, losses))
 
 
 @functools.lru_cache(maxsize=32)
@@ -262,7 +266,8 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
     reuses the compiled code).
 
     local_steps(frozen, state, batches [G, S, B, ...], step_mask bool[G, S], client_ids
-    i32[G], rows, first_step i32[], prox_mu f32[]) -> (state, losses f32[G, S]); donates the
+    i32[G], rows, first_step i32[], num_steps i32[] (<= S), prox_mu f32[]) -> (state,
+    losses f32[G, S]); donates the
     state. rows None: the group is every client slot (G = K_pad), trained C at a time;
     rows i32[G]: the group is those rows of the state (G <= C; a row >= K_pad is a padding
     member: it trains on a copy of the last row and its result is dropped), gathered,
@@ -271,10 +276,10 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
     tx = local.optimizer()
     train = jax.vmap(functools.partial(client_local_steps, graphdef, tx,
                                        loss_fn or local.loss_fn(), flat),
-                     in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
+                     in_axes=(None, None, 0, 0, 0, 0, 0, None, None, None))
 
     def local_steps(frozen, state: FedState, batches, step_mask, client_ids, rows, first_step,
-                    prox_mu):
+                    num_steps, prox_mu):
         keys = jax.vmap(client_key, (None, None, 0))(state.key, state.round, client_ids)
         params, opt_state = state.client_params, state.client_opt_state
         if rows is not None:
@@ -284,11 +289,11 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
         global_vector = flat.ravel(state.global_params)
         if step_mask.shape[0] <= chunk:
             params, opt_state, losses = train(frozen, global_vector, *per_client, first_step,
-                                              prox_mu)
+                                              num_steps, prox_mu)
         else:
             # C clients at a time: a scan over chunks bounds the live activations to C clients.
             def one_chunk(_, xs):
-                return None, train(frozen, global_vector, *xs, first_step, prox_mu)
+                return None, train(frozen, global_vector, *xs, first_step, num_steps, prox_mu)
             _, out = jax.lax.scan(one_chunk, None, sharding.to_chunks(per_client, chunk, mesh))
             params, opt_state, losses = sharding.from_chunks(out)
         if rows is not None:
@@ -297,7 +302,7 @@ def _local_steps_fn(graphdef: nnx.GraphDef, local: LocalTraining, loss_fn: LossF
             opt_state = jax.tree.map(put, state.client_opt_state, opt_state)
         state = state.replace(client_params=sharding.constrain_clients(params, mesh),
                               client_opt_state=sharding.constrain_clients(opt_state, mesh),
-                              local_step=first_step + step_mask.shape[1])
+                              local_step=first_step + num_steps)
         return state, losses
 
     return jax.jit(local_steps, donate_argnums=1)
@@ -558,15 +563,15 @@ class Federation:
         [B, ...] fields), clients taking steps[k] steps in segments of `segment`, and read
         XLA's memory analysis. Nothing is allocated; the compiled code is cached, so the
         first round does not compile it again."""
-        group = self.plan(steps, segment)[0]
-        stats = self._lower_call(example_batch, group).compile().memory_analysis()
-        # On the host: the stretch being trained and the next one, drawn ahead.
-        stretch = sum(np.asarray(v).nbytes for v in example_batch.values()) * group.length * int(
-            np.count_nonzero(np.asarray(steps) > 0))
+        group, length = self.plan(steps, segment)[0], call_length(steps, segment)
+        stats = self._lower_call(example_batch, group, length).compile().memory_analysis()
+        # On the host: the call's batches being trained and the next call's, drawn ahead.
+        call = sum(np.asarray(v).nbytes for v in example_batch.values()) * length * len(
+            group.clients)
         return fit.MemoryNeed(
             arguments=stats.argument_size_in_bytes, temporaries=stats.temp_size_in_bytes,
             outputs=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
-            resident=num_bytes(self.frozen), host_batches=2 * stretch)
+            resident=num_bytes(self.frozen), host_batches=2 * call)
 
     def step_flops(self, example_batch: Mapping[str, np.ndarray], steps: Sequence[int],
                    segment: int) -> float:
@@ -574,15 +579,16 @@ class Federation:
         from XLA's cost analysis of the lowered program: nothing is compiled (on the CPU a
         fraction of a second against the compile's ~10 s, small variant; within a few
         percent of the compiled program's count). 0 where the backend gives no analysis."""
-        lowered = self._lower_call(example_batch, self.plan(steps, segment)[0])
+        lowered = self._lower_call(example_batch, self.plan(steps, segment)[0],
+                                   call_length(steps, segment))
         cost = lowered.cost_analysis() or {}
-        return float(cost.get("flops", 0.0))  # a scan's body counts once: one step
+        return float(cost.get("flops", 0.0))  # a loop's body counts once: one step
 
-    def _lower_call(self, example_batch: Mapping[str, np.ndarray],
-                    group: Segment) -> jax.stages.Lowered:
-        """The local steps of one planned call (a `plan` group), lowered for abstract
-        inputs like `example_batch`."""
-        width, length = group.width, group.length
+    def _lower_call(self, example_batch: Mapping[str, np.ndarray], group: Segment,
+                    length: int) -> jax.stages.Lowered:
+        """The local steps of one planned call (a `plan` group, batches of `length` steps,
+        `call_length`), lowered for abstract inputs like `example_batch`."""
+        width = group.width
         clients = sharding.client_sharding(self.mesh)
         spec = lambda shape, dtype, where=clients: jax.ShapeDtypeStruct(shape, dtype,
                                                                        sharding=where)
@@ -593,7 +599,7 @@ class Federation:
         return self._local_steps.lower(
             self.frozen, self.abstract_state(), batches, spec((width, length), np.bool_),
             spec((width,), np.int32), rows, jax.ShapeDtypeStruct((), np.int32),
-            np.float32(self.config.prox_mu))
+            jax.ShapeDtypeStruct((), np.int32), np.float32(self.config.prox_mu))
 
     def global_model(self, state: FedState) -> nnx.Module:
         """The global model (global trainable weights + the shared frozen weights)."""
@@ -633,6 +639,7 @@ class Federation:
         placed = sharding.place_clients(
             sharding.pad_clients((dict(batches), mask), self.num_padded) + (ids,), self.mesh)
         state, losses = self._local_steps(self.frozen, state, *placed, None, state.local_step,
+                                          np.int32(mask.shape[1]),
                                           np.float32(self.config.prox_mu))
         return state, np.asarray(losses)[:self.num_clients]
 
@@ -647,17 +654,23 @@ class Federation:
         `clients.segment_plan`: no masked steps; `clients.masked_work` measures a plan)."""
         return segment_plan(steps, segment, self.group_widths)
 
-    def _place_group(self, group: Segment, batches: Mapping[str, np.ndarray]) -> tuple:
-        """The device arguments of one planned call: batches [n, L, B, ...] of its n clients,
-        padded to its width, with their mask, ids and rows."""
+    def _place_group(self, group: Segment, batches: Mapping[str, np.ndarray],
+                     length: int) -> tuple:
+        """The device arguments of one planned call: batches [n, L, B, ...] of its n clients
+        (L = group.length), padded to its width and to `length` steps (`call_length`), with
+        their mask, ids, rows, first step and step count."""
         n, width = len(group.clients), group.width
         clients = np.asarray(group.clients, np.int32)
         bad = {k: v.shape for k, v in batches.items() if v.shape[:2] != (n, group.length)}
         if bad:
             raise ValueError(f"a segment of {group.length} steps of {n} clients needs batches "
                              f"[{n}, {group.length}, B, ...]; got {bad}")
+        if group.length < length:  # rows never computed (the loop stops at group.length)
+            batches = {k: np.concatenate([v, np.zeros((n, length - group.length, *v.shape[2:]),
+                                                      v.dtype)], axis=1)
+                       for k, v in batches.items()}
         padding = np.arange(width - n, dtype=np.int32)
-        mask = np.arange(width)[:, None] < np.full((1, group.length), n)
+        mask = np.arange(width)[:, None] < np.full((1, length), n)
         if width == self.num_padded and group.clients == tuple(range(n)):
             # The whole state in slot order: trained where it lies, no gathered copy; the
             # slots past n (padding clients, or real clients that are done) run masked.
@@ -669,57 +682,46 @@ class Federation:
             rows = sharding.place_replicated(
                 np.concatenate([clients, padding * 0 + self.num_padded]), self.mesh)
         return (*sharding.place_clients((sharding.pad_clients(dict(batches), width), mask, ids),
-                                        self.mesh), rows, np.int32(group.first_step))
+                                        self.mesh), rows, np.int32(group.first_step),
+                np.int32(group.length))
 
     def local_round(self, state: FedState, steps: Sequence[int],
                     draw: Callable[[np.ndarray], Mapping[str, np.ndarray]],
                     segment: int) -> tuple[FedState, np.ndarray | None, np.ndarray]:
         """A round's local work after `begin_round`: client k takes steps[k] steps, in the
         calls of `plan(steps, segment)` (at most `segment` steps each, only the clients
-        still training, no masked steps). draw(todo int32[K]) gives the next stretch of
-        steps: every nonzero todo[k] is the stretch's length L, and the result is the
-        batches of those clients in client order, leaves [A, L, B, ...]. The next stretch is
-        drawn and placed in a background thread while the current one trains. The
-        simulator's and a Flower site's one path. Returns (state, losses f32[K, T] or None,
-        finite bool[K]); T = max(steps)."""
+        still training, no masked steps; every call holds batches of `call_length` steps,
+        so a round runs one compiled program per vmap width). draw(todo int32[K]) gives the
+        next call's steps: every nonzero todo[k] is the call's length L, and the result is
+        the batches of those clients in client order, leaves [A, L, B, ...]. The next call's
+        batches are drawn and placed in a background thread while the current one trains.
+        The simulator's and a Flower site's one path. Returns (state, losses f32[K, T] or
+        None, finite bool[K]); T = max(steps)."""
         steps = np.asarray(steps, np.int32)
-        stretches: list[list[Segment]] = []
-        for group in self.plan(steps, segment):
-            if stretches and stretches[-1][0].first_step == group.first_step:
-                stretches[-1].append(group)
-            else:
-                stretches.append([group])
+        plan, length = self.plan(steps, segment), call_length(steps, segment)
 
-        def prepare(groups: list[Segment]) -> list[tuple]:
+        def prepare(group: Segment) -> tuple:
             todo = np.zeros(self.num_clients, np.int32)
-            for group in groups:
-                todo[list(group.clients)] = group.length
-            batches, start, placed = draw(todo), 0, []
-            for group in groups:
-                n = len(group.clients)
-                placed.append(self._place_group(
-                    group, {k: v[start:start + n] for k, v in batches.items()}))
-                start += n
-            return placed
+            todo[list(group.clients)] = group.length
+            return self._place_group(group, draw(todo), length)
 
         losses = []
         prox_mu = np.float32(self.config.prox_mu)
         with concurrent.futures.ThreadPoolExecutor(1, "fedfms-draw") as pool:
-            ahead = pool.submit(prepare, stretches[0]) if stretches else None
-            for i, groups in enumerate(stretches):
-                placed = ahead.result()
-                if i + 1 < len(stretches):
-                    ahead = pool.submit(prepare, stretches[i + 1])
-                for group, args in zip(groups, placed):
-                    state, group_losses = self._local_steps(self.frozen, state, *args, prox_mu)
-                    losses.append((group, group_losses))
+            ahead = pool.submit(prepare, plan[0]) if plan else None
+            for i, group in enumerate(plan):
+                args = ahead.result()
+                if i + 1 < len(plan):
+                    ahead = pool.submit(prepare, plan[i + 1])
+                state, group_losses = self._local_steps(self.frozen, state, *args, prox_mu)
+                losses.append((group, group_losses))
         state, finite = self.finish_local(state)
         if not losses:
             return state, None, finite
         out = np.full((self.num_clients, int(steps.max())), np.nan, np.float32)
         for group, group_losses in losses:
             out[list(group.clients), group.first_step:group.first_step + group.length] = \
-                np.asarray(group_losses)[:len(group.clients)]
+                np.asarray(group_losses)[:len(group.clients), :group.length]
         return state, out, finite
 
     def end_round(self, state: FedState, num_samples: Sequence[float],

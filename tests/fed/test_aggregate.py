@@ -209,7 +209,7 @@ def test_segment_plans_train_every_step_once_with_little_masked_work():
              "an idle client": np.array([5, 0, 9, 2])}
     mixes |= {f"random {i}": rng.integers(0, 60, size=rng.integers(1, 9)) for i in range(20)}
     for name, steps in mixes.items():
-        for clients_per_step in (None, 2, 3):
+        for clients_per_step in (None, 1, 2, 3):
             _, chunk = sharding.layout(len(steps), 1, clients_per_step)
             widths = sharding.group_widths(chunk, 1)
             plan = segment_plan(steps, 16, widths)
@@ -217,6 +217,12 @@ def test_segment_plans_train_every_step_once_with_little_masked_work():
             assert masked_work(plan, steps) <= 0.15, (name, clients_per_step)
             # On one device every width down to 1 is allowed: nothing is padded.
             assert masked_work(plan, steps) == 0.0, (name, clients_per_step)
+    # One client at a time: each client's steps in calls of up to 16, no cut where another
+    # finishes (the prostate sites' 66, 40, 117, 106, 96, 44 steps: 5 + 3 + 8 + 7 + 6 + 3).
+    plan = segment_plan(mixes["prostate"], 16, (1,))
+    assert [s.clients for s in plan[:5]] == [(0,)] * 5 and len(plan) == 32
+    assert [(s.first_step, s.length) for s in plan[:5]] == [(0, 16), (16, 16), (32, 16),
+                                                            (48, 16), (64, 2)]
     # Two devices: widths are even, so an odd group pads one member.
     steps = mixes["prostate"]
     _, chunk = sharding.layout(6, 2)

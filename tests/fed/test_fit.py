@@ -230,6 +230,6 @@ def test_step_flops_are_read_without_compiling_and_match_the_compiled_count():
     with recorded_compiles() as compiles:
         flops = fed.step_flops(example, steps, segment=2)
     assert compiles == []
-    compiled = fed._lower_call(example, fed.plan(steps, 2)[0]).compile().cost_analysis()
+    compiled = fed._lower_call(example, fed.plan(steps, 2)[0], 2).compile().cost_analysis()
     assert flops > 0
     assert flops == pytest.approx(compiled["flops"], rel=0.05)

@@ -127,6 +127,29 @@ def test_planned_round_trains_as_every_client_masked_to_the_longest(run):
                                 client_slice(run.initial.client_opt_state, k), rtol=RTOL_ORDER)
 
 
+def test_one_client_at_a_time_trains_each_client_in_one_call_of_one_program(run):
+    """One client at a time (the CPU's layout for a real model): each client's [3, 1, 2, 2,
+    3] steps are one call, every call of the one compiled program (the step count is an
+    argument; the batches are padded to the longest call, the padding never computed), and
+    the clients train as in the standard run, whose vmap width differs (float32 rounding)."""
+    fed = Federation(run.model, config(clients_per_step=1), NUM_CLIENTS)
+    plan = fed.plan(STEPS, 16)
+    assert [(g.first_step, g.length, g.clients) for g in plan] == [
+        (0, steps, (k,)) for k, steps in enumerate(STEPS)]
+    state, result = fed.run_round(fed.init(), round_batches(0), round_mask(), NUM_SAMPLES)
+    assert fed._local_steps._cache_size() == 1
+    np.testing.assert_array_equal(result.steps, STEPS)
+    np.testing.assert_allclose(result.mean_loss, run.results[0].mean_loss, rtol=1e-5)
+    state = host_state(fed, state)
+    counts = np.asarray(state.client_opt_state[0].count)
+    np.testing.assert_array_equal(counts, STEPS)  # no padding step was taken
+    for k in range(NUM_CLIENTS):
+        assert_training_matches(client_slice(state.client_params, k),
+                                client_slice(run.states[0].client_params, k),
+                                run.initial.global_params, rtol=RTOL_ORDER,
+                                noise_bound=adam_noise_bound(STEPS[k]))
+
+
 def test_global_weights_are_the_fedavg_of_the_clients(run):
     weights = np.array(NUM_SAMPLES, np.float64) / sum(NUM_SAMPLES)
     for state, result in zip(run.states, run.results):
