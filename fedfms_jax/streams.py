@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
 from fedfms_jax.data import make_pipeline
 from fedfms_jax.data.records import Record
+from fedfms_jax.fed.sharding import host_zeros
 
 # Batch fields the loss reads (the model input as u8 pixels and their content, or decoder
 # mode's cached image embeddings); record indices stay on the host.
@@ -57,7 +57,6 @@ class ClientStreams:
         self.iterators = [iter(self._pipeline(records, stream_seed(config.seed, int(k))))
                           for k, records in zip(client_ids, client_records)]
         self._records = [list(records) for records in client_records]
-        self._template = None
 
     def _batch(self, k: int) -> dict[str, np.ndarray]:
         return self._fields(k, next(self.iterators[k]))
@@ -89,22 +88,20 @@ class ClientStreams:
         for it, state in zip(self.iterators, states):
             it.set_state(state)
 
-    def next_batches(self, todo: Sequence[int]) -> dict[str, np.ndarray]:
-        """[A, S, B, ...] batches of the A clients with todo[k] > 0, in client order, S =
-        max(todo): client k draws todo[k] batches, the rest of its S rows are zeros, so no
-        client's data order depends on another's."""
-        per_client = []
-        for k, n in enumerate(todo):
-            if n <= 0:
-                continue
-            batches = [self._batch(k) for _ in range(int(n))]
-            if self._template is None:
-                self._template = jax.tree.map(np.zeros_like, batches[0])
-            per_client.append(batches)
-        if not per_client:
+    def next_batches(self, todo: Sequence[int], length: int | None = None
+                     ) -> dict[str, np.ndarray]:
+        """[A, L, B, ...] batches of the A clients with todo[k] > 0, in client order, L =
+        length (default max(todo)): client k draws todo[k] batches, the rest of its L rows
+        are zeros, so no client's data order depends on another's. Written once, into
+        `host_zeros` buffers (a CPU device trains them where they lie)."""
+        drawn = [[self._batch(k) for _ in range(int(n))] for k, n in enumerate(todo) if n > 0]
+        if not drawn:
             raise ValueError("next_batches: no client has a step to draw")
-        total = int(max(todo))
-        return {field: np.stack([np.stack([b[field] for b in batches]
-                                          + [self._template[field]] * (total - len(batches)))
-                                 for batches in per_client])
-                for field in self._template}
+        total = int(max(todo)) if length is None else int(length)
+        out = {field: host_zeros((len(drawn), total, *np.shape(value)), np.asarray(value).dtype)
+               for field, value in drawn[0][0].items()}
+        for a, batches in enumerate(drawn):
+            for s, batch in enumerate(batches):
+                for field, value in batch.items():
+                    out[field][a, s] = value
+        return out

@@ -262,6 +262,36 @@ def test_prompt_and_resize_keys_reach_the_pipeline():
     assert set(batch) == {"pixels", "content", "mask_low_res", "valid", "boxes"}
 
 
+def test_a_calls_batches_are_written_once_and_trained_where_they_lie():
+    """next_batches(todo, length) gives each drawing client the draws it would give without
+    `length`, then zeros to the call's length, in buffers that a CPU device trains without
+    copying them (the engine's calls hold batches of one length, `clients.call_length`)."""
+    import jax
+
+    from fedfms_jax.build import load_data
+    from fedfms_jax.fed import sharding
+    from fedfms_jax.streams import ClientStreams, pipeline_options
+
+    config = small_config()
+    validate(config)
+    sites = load_data(config)
+    records = [sites["site1"].train, sites["site2"].train]
+    streams, again = (ClientStreams(config, records, [0, 1], pipeline_options(config, 128, 32))
+                      for _ in range(2))
+    padded, plain = streams.next_batches([0, 2], length=3), again.next_batches([0, 2])
+    assert set(padded) == set(plain)
+    for field, value in padded.items():
+        assert value.shape == (1, 3, *plain[field].shape[2:]), field
+        np.testing.assert_array_equal(value[:, :2], plain[field], err_msg=field)
+        assert not value[:, 2].any(), field
+        assert value.ctypes.data % sharding.HOST_ALIGNMENT == 0, field
+    placed = sharding.place_clients(padded, sharding.client_mesh(jax.devices()[:1]))
+    if jax.devices()[0].platform == "cpu":
+        for field, value in padded.items():
+            assert placed[field].addressable_shards[0].data.unsafe_buffer_pointer() == \
+                value.ctypes.data, f"{field} was copied"
+
+
 def test_decoder_mode_encodes_each_image_once_and_trains_identically():
     """Decoder mode's frozen encoder runs once per training image (the cache, here on disk),
     and two rounds train bit-identically to the encoder running at every step; with

@@ -656,19 +656,19 @@ class Federation:
 
     def _place_group(self, group: Segment, batches: Mapping[str, np.ndarray],
                      length: int) -> tuple:
-        """The device arguments of one planned call: batches [n, L, B, ...] of its n clients
-        (L = group.length), padded to its width and to `length` steps (`call_length`), with
-        their mask, ids, rows, first step and step count."""
+        """The device arguments of one planned call: batches [n, length, B, ...] of its n
+        clients (`length` = `call_length`; the rows past group.length are never computed),
+        padded to its width, with their mask, ids, rows, first step and step count. Batches
+        drawn into `sharding.host_zeros` buffers at the call's width are placed on a CPU
+        device without a copy."""
         n, width = len(group.clients), group.width
         clients = np.asarray(group.clients, np.int32)
-        bad = {k: v.shape for k, v in batches.items() if v.shape[:2] != (n, group.length)}
+        bad = {k: v.shape for k, v in batches.items() if v.shape[:2] != (n, length)}
         if bad:
-            raise ValueError(f"a segment of {group.length} steps of {n} clients needs batches "
-                             f"[{n}, {group.length}, B, ...]; got {bad}")
-        if group.length < length:  # rows never computed (the loop stops at group.length)
-            batches = {k: np.concatenate([v, np.zeros((n, length - group.length, *v.shape[2:]),
-                                                      v.dtype)], axis=1)
-                       for k, v in batches.items()}
+            raise ValueError(f"a call of {n} clients padded to {length} steps needs batches "
+                             f"[{n}, {length}, B, ...]; got {bad}")
+        if n < width:
+            batches = sharding.pad_clients(dict(batches), width)
         padding = np.arange(width - n, dtype=np.int32)
         mask = np.arange(width)[:, None] < np.full((1, length), n)
         if width == self.num_padded and group.clients == tuple(range(n)):
@@ -681,20 +681,21 @@ class Federation:
             ids = np.concatenate([self.client_ids[clients], padding + _PADDING_ID])
             rows = sharding.place_replicated(
                 np.concatenate([clients, padding * 0 + self.num_padded]), self.mesh)
-        return (*sharding.place_clients((sharding.pad_clients(dict(batches), width), mask, ids),
-                                        self.mesh), rows, np.int32(group.first_step),
-                np.int32(group.length))
+        return (*sharding.place_clients((dict(batches), mask, ids), self.mesh), rows,
+                np.int32(group.first_step), np.int32(group.length))
 
     def local_round(self, state: FedState, steps: Sequence[int],
-                    draw: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+                    draw: Callable[[np.ndarray, int], Mapping[str, np.ndarray]],
                     segment: int) -> tuple[FedState, np.ndarray | None, np.ndarray]:
         """A round's local work after `begin_round`: client k takes steps[k] steps, in the
         calls of `plan(steps, segment)` (at most `segment` steps each, only the clients
         still training, no masked steps; every call holds batches of `call_length` steps,
-        so a round runs one compiled program per vmap width). draw(todo int32[K]) gives the
-        next call's steps: every nonzero todo[k] is the call's length L, and the result is
-        the batches of those clients in client order, leaves [A, L, B, ...]. The next call's
-        batches are drawn and placed in a background thread while the current one trains.
+        so a round runs one compiled program per vmap width). draw(todo int32[K], length)
+        gives the next call's steps: every nonzero todo[k] is the call's step count, and the
+        result is the batches of those clients in client order, leaves [A, length, B, ...]
+        (zeros past todo[k]; in `sharding.host_zeros` buffers, so that they are written
+        once). The next call's batches are drawn and placed in a background thread while
+        the current one trains.
         The simulator's and a Flower site's one path. Returns (state, losses f32[K, T] or
         None, finite bool[K]); T = max(steps)."""
         steps = np.asarray(steps, np.int32)
@@ -703,7 +704,7 @@ class Federation:
         def prepare(group: Segment) -> tuple:
             todo = np.zeros(self.num_clients, np.int32)
             todo[list(group.clients)] = group.length
-            return self._place_group(group, draw(todo), length)
+            return self._place_group(group, draw(todo, length), length)
 
         losses = []
         prox_mu = np.float32(self.config.prox_mu)
@@ -787,17 +788,20 @@ class Federation:
         return self.end_round(state, num_samples, taking_part, losses)
 
 
-def _array_draw(batches: Mapping[str, np.ndarray]) -> Callable[[np.ndarray], dict]:
+def _array_draw(batches: Mapping[str, np.ndarray]) -> Callable[[np.ndarray, int], dict]:
     """`local_round`'s draw over a round's batches in memory (leaves [K, T, B, ...]): each
     client's next todo[k] rows."""
     position = np.zeros(next(iter(batches.values())).shape[0], np.int64)
 
-    def draw(todo: np.ndarray) -> dict[str, np.ndarray]:
+    def draw(todo: np.ndarray, length: int) -> dict[str, np.ndarray]:
         active = np.flatnonzero(todo > 0)
-        length = int(todo.max())
-        out = {k: np.stack([v[c, position[c]:position[c] + length] for c in active])
+        out = {k: sharding.host_zeros((len(active), length, *v.shape[2:]), v.dtype)
                for k, v in batches.items()}
-        position[active] += length
+        for a, c in enumerate(active):
+            n = int(todo[c])
+            for k, v in batches.items():
+                out[k][a, :n] = v[c, position[c]:position[c] + n]
+        position[active] += todo[active]
         return out
 
     return draw

@@ -65,6 +65,20 @@ def group_widths(chunk: int, num_devices: int) -> tuple[int, ...]:
                                    if num_devices << i < chunk}, reverse=True))
 
 
+# device_put on the CPU aliases a host array aligned to this many bytes instead of copying it.
+HOST_ALIGNMENT = 64
+
+
+def host_zeros(shape: Sequence[int], dtype) -> np.ndarray:
+    """Zeros on the host, aligned so that placing them on a CPU device copies nothing: a
+    call's batches are written once, into one of these, and trained where they lie."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def pad_clients(tree, num_padded: int):
     """Pad every leaf's leading (client) axis with zeros to num_padded: [K, ...] -> [K_pad, ...]."""
     def pad(x):

@@ -188,7 +188,7 @@ def test_compiled_memory_is_reused_by_the_first_round_and_donates_the_state():
     state = fed.init()
     with recorded_compiles() as compiles:
         state = fed.begin_round(state)
-        state, losses, _ = fed.local_round(state, steps, lambda todo: batches, segment=2)
+        state, losses, _ = fed.local_round(state, steps, lambda todo, length: batches, segment=2)
         state, _ = fed.end_round(state, NUM_SAMPLES)
         jax.block_until_ready(state)
     assert compiles == []
