@@ -26,6 +26,7 @@ from bench.timing import timed
 from fedfms_jax.fed.partition import split
 from fedfms_jax.losses import weighted_bce
 from fedfms_jax.models import Sam, SamConfig, get_config
+from fedfms_jax.models.sam import normalise_pixels
 from fedfms_jax.weights_file import sam_from_tensors
 from fedfms_jax_reference.fedfms import build_torch_fedfms
 from fedfms_jax_reference.sam import state_dict_numpy
@@ -95,6 +96,15 @@ def random_batch(config: SamConfig, batch: int, seed: int) -> tuple[np.ndarray, 
     images = rng.standard_normal((batch, config.image_size, config.image_size, 3), np.float32)
     targets = (rng.random((batch, config.low_res_size, config.low_res_size, 1)) < 0.3)
     return images, targets.astype(np.float32)
+
+
+def random_pixels(config: SamConfig, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the engine's training streams give it: (pixels u8[B, S, S, 3], binary targets
+    u8[B, L, L, 1]); `normalise_pixels` makes the model input of both frameworks."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (batch, config.image_size, config.image_size, 3), np.uint8)
+    targets = rng.random((batch, config.low_res_size, config.low_res_size, 1)) < 0.3
+    return pixels, targets.astype(np.uint8)
 
 
 def to_torch(x: np.ndarray, env: Env) -> torch.Tensor:
@@ -279,7 +289,9 @@ PROSTATE_SLICES = (261, 158, 468, 421, 384, 175)
 def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 16) -> Pair:
     """FedFMS's round in small: 6 clients sized as the prostate sites' slice counts / scale,
     one local epoch each (ceil(n_k / B) steps, so unequal counts), FedAvg weighted by n_k;
-    the engine's planned round (no masked steps) against FedFMS's sequential loop."""
+    the engine's planned round (no masked steps) against FedFMS's sequential loop. The
+    engine draws each round's batches as its streams give them (u8 pixels and targets,
+    normalised on the device); the loop gets the same values as float tensors, made once."""
     from fedfms_jax.fed.clients import Segment, client_steps, masked_work, step_mask
     from fedfms_jax.fed.round import FedConfig, Federation
 
@@ -288,11 +300,11 @@ def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 
     num_samples = [max(1, n // scale) for n in PROSTATE_SLICES]
     steps = client_steps(num_samples, batch, local_steps=None, local_epochs=1)
     k, longest = len(steps), int(steps.max())
-    images, targets = random_batch(config, k * longest * batch, seed=4)
+    pixels, targets = random_pixels(config, k * longest * batch, seed=4)
     shape = (k, longest, batch)
-    images = images.reshape(*shape, *images.shape[1:])
+    pixels = pixels.reshape(*shape, *pixels.shape[1:])
     targets = targets.reshape(*shape, *targets.shape[1:])
-    batches = {"image": images, "mask_low_res": targets}
+    batches = {"pixels": pixels, "mask_low_res": targets}
     federation = Federation.fitted(sam, FedConfig(mode=mode, local_epochs=1,
                                                   learning_rate=ref.LEARNING_RATE,
                                                   pos_weight=ref.POS_WEIGHT), k,
@@ -308,7 +320,9 @@ def fedfms_protocol(variant: str, mode: str, batch: int, env: Env, scale: int = 
 
     _, seconds = timed(jax_fn)
     fedfms = ref.FedFMSRound(torch_model, mode, k, env.autocast)
-    torch_batches = [[(to_torch(images[c, s], env), to_torch(targets[c, s], env))
+    images = normalise_pixels(pixels, federation.config.local.normalise)
+    torch_batches = [[(to_torch(images[c, s], env),
+                       to_torch(targets[c, s].astype(np.float32), env))
                       for s in range(steps[c])] for c in range(k)]
 
     def torch_fn():
