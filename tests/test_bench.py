@@ -1,8 +1,9 @@
 """The benchmark harness runs end to end and reports what it promises.
 
 Default suite: bench.run's smallest run (--smoke --only encoder: the roof and the tiny
-encoder, seconds) in a subprocess with XLA's cheap compile settings (only the benchmark
-process gets them: they would break decoder mode's bit-identity tests): its numbers are
+encoder, seconds) in a subprocess with all of XLA's cheap compile settings (the suite
+itself takes only the first two, tests/conftest.py: the legacy fusion emitters would break
+decoder mode's bit-identity tests): its numbers are
 meaningless, its record is not; and the summary's figures from given records. The
 accelerator check's whole smoke form (bench/device.sh: parity, every workload, the memory
 cases; ~3 minutes on 2 quiet cores, mostly compiling the rounds) is @slow.
@@ -19,11 +20,10 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench_run
+from tests.fast_build import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false")
+FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items())
 
 
 def fast_env() -> dict:
